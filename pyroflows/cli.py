@@ -1,0 +1,3 @@
+"""The ``pyroflows`` command."""
+def main() -> None:
+    pass

@@ -1,0 +1,185 @@
+"""The transform contract every flow family follows.
+
+A family subclasses :class:`Flow` and implements
+
+* ``_params(context)``: the tensors the map needs (default: the context itself),
+* ``_forward(x, params) -> (y, log|det dy/dx|)``,
+* ``_backward(y, params) -> (x, log|det dx/dy|)`` where it has an inverse.
+
+Everything Pyro calls (``_call``, ``_inverse``, ``log_abs_det_jacobian``) is derived here,
+with a one-entry cache of the last ``(x, y, log|det|)`` so that ``rsample`` followed by
+``log_prob`` of the same tensor never recomputes a map or a solve.
+
+``Flow(dim)`` is a :class:`pyro.distributions.TransformModule`. ``Flow(dim, context_dim=k)``
+is additionally a :class:`pyro.distributions.conditional.ConditionalTransformModule`:
+``.condition(context)`` returns a plain :class:`ConditionedFlow`, so the same class drops
+into ``TransformedDistribution`` and ``ConditionalTransformedDistribution``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyro.distributions import TransformModule
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import Tensor
+from torch.distributions import Transform, constraints
+
+from .. import _checks
+
+
+class _CachedBijection(Transform):
+    """Pyro's transform API derived from the family's ``_forward``/``_backward``."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    _last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def _flow(self) -> Flow:
+        raise NotImplementedError
+
+    @property
+    def _context(self) -> Tensor | None:
+        raise NotImplementedError
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, log|det dy/dx|)`` for ``x`` of shape ``(..., dim)``."""
+        last = self._last
+        if last is not None and last[0] is x:
+            return last[1], last[2]
+        flow = self._flow
+        _checks.event("x", x, flow.dim)
+        y, ladj = flow._forward(x, flow._resolve_params(self._context))
+        self._last = (x, y, ladj)
+        return y, ladj
+
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dx/dy|)``: the inverse map and its log-determinant."""
+        last = self._last
+        if last is not None and last[1] is y:
+            return last[0], -last[2]
+        flow = self._flow
+        _checks.event("y", y, flow.dim)
+        x, ladj = flow._backward(y, flow._resolve_params(self._context))
+        self._last = (x, y, -ladj)
+        return x, ladj
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.inverse_and_ladj(y)[0]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and (last[0] is x or last[1] is y):
+            return last[2]
+        return self.call_and_ladj(x)[1]
+
+    def clear_cache(self) -> None:
+        """Forget the cached ``(x, y, log|det|)``."""
+        self._last = None
+
+    def with_cache(self, cache_size: int = 1) -> _CachedBijection:
+        return self  # the one-entry cache is always on
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_last", None)
+        return state
+
+
+class Flow(_CachedBijection, TransformModule):
+    """Base class of every flow family (see the module docstring for the contract)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Flow:
+        if kwargs.get("context_dim") and not issubclass(cls, ConditionalTransformModule):
+            cls = _amortized_class(cls)
+        return super().__new__(cls)
+
+    def __init__(self, dim: int, *, context_dim: int = 0) -> None:
+        super().__init__(cache_size=0)
+        self.dim = _checks.positive_int("dim", dim)
+        self.context_dim = _checks.nonnegative_int("context_dim", context_dim)
+
+    @property
+    def _flow(self) -> Flow:
+        return self
+
+    @property
+    def _context(self) -> None:
+        return None
+
+    def _params(self, context: Tensor | None) -> Any:
+        return context
+
+    def _forward(self, x: Tensor, params: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _backward(self, y: Tensor, params: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no inverse")
+
+    def _resolve_params(self, context: Tensor | None) -> Any:
+        if self.context_dim and context is None:
+            raise ValueError(
+                f"context: {type(self).__name__} is amortized (context_dim={self.context_dim});"
+                " call .condition(context) first"
+            )
+        return self._params(context)
+
+    def condition(self, context: Tensor) -> ConditionedFlow:
+        raise ValueError(
+            f"context: {type(self).__name__} is unconditional (context_dim=0) and takes no"
+            " context; build it with context_dim > 0 to amortize it"
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_dim={self.context_dim}"
+
+
+class ConditionedFlow(_CachedBijection):
+    """An amortized flow with its context fixed: a plain :class:`Transform`.
+
+    The context of shape ``(*batch, context_dim)`` broadcasts against the batch dimensions
+    of the input ``(..., *batch, dim)``. Parameters are recomputed from the context on each
+    call, so one conditioned transform can be reused across optimisation steps.
+    """
+
+    def __init__(self, flow: Flow, context: Tensor) -> None:
+        super().__init__(cache_size=0)
+        self._parent = flow
+        self._given_context = context
+
+    @property
+    def _flow(self) -> Flow:
+        return self._parent
+
+    @property
+    def _context(self) -> Tensor:
+        return self._given_context
+
+    def __repr__(self) -> str:
+        return f"ConditionedFlow({self._parent!r})"
+
+
+class _Amortized(ConditionalTransformModule):
+    """Mixed into a family when it is built with ``context_dim > 0``."""
+
+    def condition(self, context: Tensor) -> ConditionedFlow:
+        """The transform for this context, shape ``(*batch, context_dim)``."""
+        _checks.event("context", context, self.context_dim)  # type: ignore[attr-defined]
+        return ConditionedFlow(self, context)  # type: ignore[arg-type]
+
+
+_AMORTIZED: dict[type, type] = {}
+
+
+def _amortized_class(cls: type) -> type:
+    if cls not in _AMORTIZED:
+        sub = type(cls.__name__, (_Amortized, cls), {"__module__": cls.__module__})
+        sub.__qualname__ = f"{cls.__qualname__}.Amortized"
+        cls.Amortized = sub  # makes instances picklable by qualified name
+        _AMORTIZED[cls] = sub
+    return _AMORTIZED[cls]

@@ -1,0 +1,77 @@
+"""Planar flow (Rezende & Mohamed, 2015)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn import ParameterMap, solve_increasing
+from .base import Flow
+
+Params = dict[str, Tensor]
+
+
+class Planar(Flow):
+    r"""``y = x + û tanh(wᵀx + b)``.
+
+    The constraint ``wᵀû >= -1`` that makes the map invertible is built into the
+    parameterisation ``û = u + (softplus(wᵀu) - 1 - wᵀu) w / |w|²``, so
+    ``log|det J| = log(1 + wᵀû tanh'(wᵀx + b)) > -inf`` for every parameter value.
+
+    The inverse reduces to the increasing scalar equation ``α + wᵀû tanh(α + b) = wᵀy``
+    for ``α = wᵀx``, solved by bracketed Newton to 1e-12 (float64) or 1e-6 (float32)
+    relative; then ``x = y - û tanh(α + b)``.
+
+    With ``context_dim > 0`` a network of widths ``hidden_dims`` maps the context to
+    ``u``, ``w`` and ``b``.
+
+    >>> t = Planar(3)
+    >>> x = torch.randn(5, 3)
+    >>> torch.allclose(t.inv(t(x).clone()), x, atol=1e-5)
+    True
+    """
+
+    def __init__(self, dim: int, *, context_dim: int = 0, hidden_dims: Sequence[int] = ()) -> None:
+        super().__init__(dim, context_dim=context_dim)
+        scale = dim**-0.5
+        self.params = ParameterMap(
+            {
+                "u": torch.randn(dim) * scale,
+                "w": torch.randn(dim) * scale,
+                "b": torch.zeros(()),
+            },
+            context_dim,
+            hidden_dims,
+        )
+
+    def _params(self, context: Tensor | None) -> Params:
+        p = self.params(context)
+        u, w = p["u"], p["w"]
+        wu = (w * u).sum(-1, keepdim=True)
+        w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        u_hat = u + (F.softplus(wu) - 1 - wu) * w / w_sq
+        return {"u": u_hat, "w": w, "b": p["b"], "wu": (w * u_hat).sum(-1)}
+
+    def _forward(self, x: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+        a = torch.tanh((x * p["w"]).sum(-1) + p["b"])
+        y = x + p["u"] * a.unsqueeze(-1)
+        return y, torch.log1p(p["wu"] * (1 - a * a))
+
+    def _backward(self, y: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+        wu, b = p["wu"], p["b"]
+        target = (y * p["w"]).sum(-1)
+
+        def g(alpha: Tensor) -> tuple[Tensor, Tensor]:
+            a = torch.tanh(alpha + b)
+            return alpha + wu * a, 1 + wu * (1 - a * a)
+
+        radius = wu.abs().detach()
+        alpha = solve_increasing(g, target.detach(), target.detach() - radius, target.detach() + radius)
+        value, slope = g(alpha)
+        alpha = alpha - (value - target) / slope  # attaches gradients (implicit function)
+        a = torch.tanh(alpha + b)
+        x = y - p["u"] * a.unsqueeze(-1)
+        return x, -torch.log1p(wu * (1 - a * a))
