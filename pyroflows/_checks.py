@@ -40,7 +40,5 @@ def event(name: str, value: object, size: int) -> Tensor:
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() == 0 or value.shape[-1] != size:
-        raise ValueError(
-            f"{name} must have shape (..., {size}), got {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have shape (..., {size}), got {tuple(value.shape)}")
     return value

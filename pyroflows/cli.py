@@ -1,3 +1,5 @@
 """The ``pyroflows`` command."""
+
+
 def main() -> None:
     pass

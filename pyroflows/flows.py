@@ -39,7 +39,9 @@ def _repeat(family: type[Flow], **fixed: Any) -> Layers:
     return layers
 
 
-def _triangular_sylvester(dim: int, depth: int, context_dim: int, options: dict[str, Any]) -> list[Flow]:
+def _triangular_sylvester(
+    dim: int, depth: int, context_dim: int, options: dict[str, Any]
+) -> list[Flow]:
     return [
         Sylvester(dim, context_dim=context_dim, kind="triangular", reverse=bool(i % 2), **options)
         for i in range(depth)

@@ -9,6 +9,7 @@ versions); this module adds what Pyro lacks: a plain MLP with optional hidden la
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 from . import _checks
 
 
-def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, *, bias: bool = True) -> nn.Sequential:
+def mlp(
+    in_dim: int, hidden_dims: Sequence[int], out_dim: int, *, bias: bool = True
+) -> nn.Sequential:
     """A ReLU multi-layer perceptron; ``hidden_dims=()`` gives a single linear map.
 
     >>> mlp(4, (8,), 3)(torch.zeros(2, 4)).shape
@@ -26,7 +29,7 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, *, bias: bool = T
     """
     dims = (in_dim, *hidden_dims)
     layers: list[nn.Module] = []
-    for a, b in zip(dims[:-1], dims[1:], strict=True):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(dims[-1], out_dim, bias=bias))
     return nn.Sequential(*layers)

@@ -54,16 +54,19 @@ class Autoregressive(Flow):
         if permutation is None:
             permutation = torch.arange(dim)
         elif not (
-            isinstance(permutation, Tensor)
-            and sorted(permutation.tolist()) == list(range(dim))
+            isinstance(permutation, Tensor) and sorted(permutation.tolist()) == list(range(dim))
         ):
-            raise ValueError(f"permutation must be a permutation of range({dim}), got {permutation!r}")
+            raise ValueError(
+                f"permutation must be a permutation of range({dim}), got {permutation!r}"
+            )
         if context_dim:
             self.net: nn.Module = ConditionalAutoRegressiveNN(
                 dim, context_dim, list(hidden), param_dims=[1, 1], permutation=permutation
             )
         else:
-            self.net = AutoRegressiveNN(dim, list(hidden), param_dims=[1, 1], permutation=permutation)
+            self.net = AutoRegressiveNN(
+                dim, list(hidden), param_dims=[1, 1], permutation=permutation
+            )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, direction={self.direction!r}, stable={self.stable}"

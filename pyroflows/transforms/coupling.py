@@ -81,7 +81,9 @@ class Coupling(Flow):
         shift, log_scale = self._shift_log_scale(x_a, context)
         if log_scale is None:
             y_b = x_b + sign * shift
-            ladj = x_b.new_zeros(()).expand(torch.broadcast_shapes(x_b.shape[:-1], shift.shape[:-1]))
+            ladj = x_b.new_zeros(()).expand(
+                torch.broadcast_shapes(x_b.shape[:-1], shift.shape[:-1])
+            )
         elif sign > 0:
             y_b, ladj = x_b * log_scale.exp() + shift, log_scale.sum(-1)
         else:

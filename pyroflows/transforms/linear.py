@@ -10,6 +10,7 @@ from torch import Tensor
 from ..nn import ParameterMap, matvec
 from .base import Flow
 
+
 class ActNorm(Flow):
     r"""``y = (x + shift) ⊙ exp(log_scale)``, ``log|det J| = Σ log_scale``.
 
@@ -42,7 +43,9 @@ class ActNorm(Flow):
     def _initialize(self, data: Tensor, forward: bool) -> None:
         rows = data.reshape(-1, self.dim)
         mean = rows.mean(0)
-        std = rows.std(0).nan_to_num(1.0).clamp_min(1e-6) if len(rows) > 1 else torch.ones_like(mean)
+        std = (
+            rows.std(0).nan_to_num(1.0).clamp_min(1e-6) if len(rows) > 1 else torch.ones_like(mean)
+        )
         base = self.params.base
         if forward:  # (x + shift) / std(x) standardises x
             base["shift"].copy_(-mean)

@@ -69,7 +69,9 @@ class Planar(Flow):
             return alpha + wu * a, 1 + wu * (1 - a * a)
 
         radius = wu.abs().detach()
-        alpha = solve_increasing(g, target.detach(), target.detach() - radius, target.detach() + radius)
+        alpha = solve_increasing(
+            g, target.detach(), target.detach() - radius, target.detach() + radius
+        )
         value, slope = g(alpha)
         alpha = alpha - (value - target) / slope  # attaches gradients (implicit function)
         a = torch.tanh(alpha + b)

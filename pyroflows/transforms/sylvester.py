@@ -160,7 +160,10 @@ class Sylvester(Flow):
         # one Newton step with gradients on attaches the implicit-function derivatives
         a = torch.tanh(matvec(rt, v) + b)
         residual = v + matvec(r, a) - w
-        jac = torch.eye(self.num_columns, dtype=v.dtype, device=v.device) + r * (1 - a * a).unsqueeze(-2) @ rt
+        jac = (
+            torch.eye(self.num_columns, dtype=v.dtype, device=v.device)
+            + r * (1 - a * a).unsqueeze(-2) @ rt
+        )
         v = v - torch.linalg.solve_triangular(jac, residual.unsqueeze(-1), upper=True).squeeze(-1)
         a = torch.tanh(matvec(rt, v) + b)
         x = y + self._from_basis(v - w, p)

@@ -1,0 +1,118 @@
+"""Every transform the generic tests run over: each family and each recipe, plain and amortized.
+
+A new family gets the whole generic suite by adding lines to ``FAMILIES`` (and a recipe by
+adding its name to ``pyroflows.flows.RECIPES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from pyro.distributions import ComposeTransformModule
+from torch.distributions import Transform
+
+import pyroflows as pf
+from pyroflows.transforms import (
+    ActNorm,
+    Autoregressive,
+    Coupling,
+    LULinear,
+    Planar,
+    Radial,
+    Sylvester,
+)
+from pyroflows.transforms.base import _CachedBijection
+
+DIM = 3
+CONTEXT_DIM = 2
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    make: Callable[..., torch.nn.Module]  # called with context_dim=...
+    context_dim: int
+
+    def build(self, dtype: torch.dtype = torch.float64, seed: int = 0, perturb: float = 0.3):
+        """The flow with randomly perturbed parameters (after any data-dependent init)."""
+        torch.manual_seed(seed)
+        flow = self.make(context_dim=self.context_dim).to(dtype)
+        context = self.context(4, dtype=dtype)
+        transform_for(flow, context)(torch.randn(4, DIM, dtype=dtype) * 2 + 1)
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(perturb * torch.randn_like(p))
+        clear(flow)
+        return flow
+
+    def context(self, *batch: int, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        if not self.context_dim:
+            return None
+        return torch.randn(*batch, self.context_dim, dtype=dtype)
+
+
+def transform_for(flow, context: torch.Tensor | None) -> Transform:
+    return flow if context is None else flow.condition(context)
+
+
+def clear(transform) -> None:
+    """Empty every one-entry cache inside ``transform``."""
+    if isinstance(transform, _CachedBijection):
+        transform.clear_cache()
+    for part in getattr(transform, "parts", ()):
+        clear(part)
+    if isinstance(transform, torch.nn.Module):
+        for module in transform.modules():
+            if isinstance(module, _CachedBijection):
+                module.clear_cache()
+
+
+FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
+    "iaf": partial(Autoregressive, DIM, hidden_dims=(8, 8)),
+    "iaf-stable": partial(Autoregressive, DIM, hidden_dims=(8,), stable=True),
+    "maf": partial(
+        Autoregressive, DIM, hidden_dims=(8,), direction="maf", permutation=torch.tensor([2, 0, 1])
+    ),
+    "maf-stable": partial(Autoregressive, DIM, hidden_dims=(8,), direction="maf", stable=True),
+    "planar": partial(Planar, DIM),
+    "planar-deep": partial(Planar, DIM, hidden_dims=(5,)),
+    "radial": partial(Radial, DIM),
+    "sylvester-o-m2": partial(Sylvester, DIM, kind="orthogonal", num_columns=2),
+    "sylvester-o": partial(Sylvester, DIM, kind="orthogonal"),
+    "sylvester-h": partial(Sylvester, DIM, kind="householder", num_householder=2),
+    "sylvester-t": partial(Sylvester, DIM, kind="triangular"),
+    "sylvester-t-rev": partial(Sylvester, DIM, kind="triangular", reverse=True),
+    "affine-coupling": partial(Coupling, DIM, hidden_dims=(8,)),
+    "affine-coupling-odd": partial(Coupling, DIM, hidden_dims=(8,), parity=1),
+    "additive-coupling": partial(Coupling, DIM, hidden_dims=(8,), kind="additive"),
+    "actnorm": partial(ActNorm, DIM),
+    "lu-linear": partial(LULinear, DIM),
+}
+
+RECIPE_OPTIONS = {
+    "iaf": {"hidden_dims": (8,)},
+    "maf": {"hidden_dims": (8,)},
+    "nice": {"hidden_dims": (8,)},
+    "realnvp": {"hidden_dims": (8,)},
+    "glow": {"hidden_dims": (8,)},
+}
+
+
+def _recipe(name: str, context_dim: int = 0) -> ComposeTransformModule:
+    return pf.build(
+        name, DIM, num_layers=2, context_dim=context_dim, **RECIPE_OPTIONS.get(name, {})
+    )
+
+
+CASES = [
+    Case(f"{name}{'-amortized' if c else ''}", make, c)
+    for name, make in FAMILIES.items()
+    for c in (0, CONTEXT_DIM)
+] + [
+    Case(f"recipe-{name}{'-amortized' if c else ''}", partial(_recipe, name), c)
+    for name in pf.flows.RECIPES
+    for c in (0, CONTEXT_DIM)
+]
