@@ -49,8 +49,8 @@ def matvec(a: Tensor, v: Tensor) -> Tensor:
 class ParameterMap(nn.Module):
     """Named parameter tensors, free or amortized.
 
-    Without context (``context_dim=0``) the parameters are the ``nn.Parameter`` s in
-    ``base``. With ``context_dim > 0`` a network adds a context-dependent offset, so a
+    Without context (``context_dim=0``) the parameters are this module's own
+    ``nn.Parameter`` s, one per name. With ``context_dim > 0`` a network adds a context-dependent offset, so a
     context of shape ``(*batch, context_dim)`` gives each parameter the shape
     ``(*batch, *shape)``. The offset network's last layer starts small, so an amortized
     flow starts near its unconditional twin yet already depends on the context.
@@ -68,7 +68,8 @@ class ParameterMap(nn.Module):
     ) -> None:
         super().__init__()
         self.context_dim = _checks.nonnegative_int("context_dim", context_dim)
-        self.base = nn.ParameterDict({k: nn.Parameter(v.clone()) for k, v in init.items()})
+        for name, value in init.items():
+            self.register_parameter(name, nn.Parameter(value.clone()))
         self.shapes = {k: tuple(v.shape) for k, v in init.items()}
         self.sizes = [math.prod(s) for s in self.shapes.values()]
         self.net = None
@@ -79,12 +80,12 @@ class ParameterMap(nn.Module):
 
     def forward(self, context: Tensor | None = None) -> dict[str, Tensor]:
         if self.net is None:
-            return dict(self.base.items())
+            return dict(self._parameters)
         assert context is not None
         offsets = self.net(context).split(self.sizes, dim=-1)
         batch = context.shape[:-1]
         return {
-            name: self.base[name] + offset.reshape(batch + shape)
+            name: self._parameters[name] + offset.reshape(batch + shape)
             for (name, shape), offset in zip(self.shapes.items(), offsets, strict=True)
         }
 

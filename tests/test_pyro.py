@@ -92,3 +92,24 @@ def test_round_trip_over_dims_and_batches(name, dim, batch, amortized, seed):
     x_back, inverse_ladj = t.inverse_and_ladj(y.clone())
     torch.testing.assert_close(x_back, x, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(inverse_ladj, -ladj, atol=1e-8, rtol=1e-8)
+
+
+def test_cache_is_not_reused_after_a_parameter_update_or_across_grad_modes():
+    torch.manual_seed(0)
+    flow = Planar(2)
+    data = torch.randn(8, 2)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+    optimizer = torch.optim.SGD(flow.parameters(), lr=0.1)
+    before = d.log_prob(data)
+    for _ in range(2):  # the same data tensor every step: no stale graph, no stale value
+        loss = -d.log_prob(data).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = d.log_prob(data)
+    assert not torch.allclose(before, after)
+    flow.clear_cache()
+    torch.testing.assert_close(after, d.log_prob(data.clone()))
+    with torch.no_grad():
+        y = flow(data)
+    assert flow(data).requires_grad and not y.requires_grad

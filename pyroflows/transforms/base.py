@@ -8,7 +8,9 @@ A family subclasses :class:`Flow` and implements
 
 Everything Pyro calls (``_call``, ``_inverse``, ``log_abs_det_jacobian``) is derived here,
 with a one-entry cache of the last ``(x, y, log|det|)`` so that ``rsample`` followed by
-``log_prob`` of the same tensor never recomputes a map or a solve.
+``log_prob`` of the same tensor never recomputes a map or a solve. An entry is used only
+while the parameters (and context) are unchanged in place, as an optimiser step changes
+them, and under the same grad mode, so reusing a data tensor across training steps is safe.
 
 ``Flow(dim)`` is a :class:`pyro.distributions.TransformModule`. ``Flow(dim, context_dim=k)``
 is additionally a :class:`pyro.distributions.conditional.ConditionalTransformModule`:
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pyro.distributions import TransformModule
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
@@ -34,7 +37,7 @@ class _CachedBijection(Transform):
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
-    _last: tuple[Tensor, Tensor, Tensor] | None = None
+    _last: tuple[Tensor, Tensor, Tensor, tuple] | None = None
 
     @property
     def _flow(self) -> Flow:
@@ -44,26 +47,40 @@ class _CachedBijection(Transform):
     def _context(self) -> Tensor | None:
         raise NotImplementedError
 
+    def _state(self) -> tuple:
+        """What a cache entry is valid for: grad mode and in-place versions of the inputs."""
+        context = self._context
+        versions = [p._version for p in self._flow._parameter_list()]
+        if context is not None:
+            versions.append(context._version)
+        return (torch.is_grad_enabled(), *versions)
+
+    def _cached(self, position: int, tensor: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        last = self._last
+        if last is not None and last[position] is tensor and last[3] == self._state():
+            return last[0], last[1], last[2]
+        return None
+
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(y, log|det dy/dx|)`` for ``x`` of shape ``(..., dim)``."""
-        last = self._last
-        if last is not None and last[0] is x:
-            return last[1], last[2]
+        hit = self._cached(0, x)
+        if hit is not None:
+            return hit[1], hit[2]
         flow = self._flow
         _checks.event("x", x, flow.dim)
         y, ladj = flow._forward(x, flow._resolve_params(self._context))
-        self._last = (x, y, ladj)
+        self._last = (x, y, ladj, self._state())
         return y, ladj
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dy|)``: the inverse map and its log-determinant."""
-        last = self._last
-        if last is not None and last[1] is y:
-            return last[0], -last[2]
+        hit = self._cached(1, y)
+        if hit is not None:
+            return hit[0], -hit[2]
         flow = self._flow
         _checks.event("y", y, flow.dim)
         x, ladj = flow._backward(y, flow._resolve_params(self._context))
-        self._last = (x, y, -ladj)
+        self._last = (x, y, -ladj, self._state())
         return x, ladj
 
     def _call(self, x: Tensor) -> Tensor:
@@ -73,9 +90,9 @@ class _CachedBijection(Transform):
         return self.inverse_and_ladj(y)[0]
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        last = self._last
-        if last is not None and (last[0] is x or last[1] is y):
-            return last[2]
+        hit = self._cached(0, x) or self._cached(1, y)
+        if hit is not None:
+            return hit[2]
         return self.call_and_ladj(x)[1]
 
     def clear_cache(self) -> None:
@@ -88,6 +105,7 @@ class _CachedBijection(Transform):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_last", None)
+        state.pop("_parameters_seen", None)
         return state
 
 
@@ -111,6 +129,16 @@ class Flow(_CachedBijection, TransformModule):
     @property
     def _context(self) -> None:
         return None
+
+    def _parameter_list(self) -> list[Tensor]:
+        params = self.__dict__.get("_parameters_seen")
+        if params is None:
+            params = self.__dict__["_parameters_seen"] = list(self.parameters())
+        return params
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Flow:
+        self.__dict__.pop("_parameters_seen", None)  # conversions may replace parameters
+        return super()._apply(fn, *args, **kwargs)
 
     def _params(self, context: Tensor | None) -> Any:
         return context

@@ -50,20 +50,21 @@ class Radial(Flow):
         return {"center": p["center"], "alpha": alpha, "beta": F.softplus(p["beta"]) - alpha}
 
     def _ladj(self, r: Tensor, p: Params) -> Tensor:
-        alpha, beta = p["alpha"], p["beta"]
+        alpha = p["alpha"]
         h = 1 / (alpha + r)
-        return (self.dim - 1) * torch.log1p(beta * h) + torch.log1p(alpha * beta * h * h)
+        beta_h = p["beta"] * h
+        return (self.dim - 1) * torch.log1p(beta_h) + torch.log1p(alpha * beta_h * h)
 
     def _forward(self, x: Tensor, p: Params) -> tuple[Tensor, Tensor]:
         diff = x - p["center"]
-        r = diff.norm(dim=-1)
-        y = x + (p["beta"] / (p["alpha"] + r)).unsqueeze(-1) * diff
+        r = torch.linalg.vector_norm(diff, dim=-1)
+        y = torch.addcmul(x, (p["beta"] / (p["alpha"] + r)).unsqueeze(-1), diff)
         return y, self._ladj(r, p)
 
     def _backward(self, y: Tensor, p: Params) -> tuple[Tensor, Tensor]:
         alpha, beta = p["alpha"], p["beta"]
         diff = y - p["center"]
-        r_y = diff.norm(dim=-1)
+        r_y = torch.linalg.vector_norm(diff, dim=-1)
         c = alpha + beta - r_y
         root = (c * c + 4 * alpha * r_y).sqrt()
         r = torch.where(c > 0, 2 * alpha * r_y / (c + root), (root - c) / 2)

@@ -97,44 +97,43 @@ class Sylvester(Flow):
 
     def _params(self, context: Tensor | None) -> Params:
         p = self.params(context)
-        out = {
-            "r": self._triangular(p["r_diag"], p["r_upper"]),
-            "rt": self._triangular(p["rt_diag"], p["rt_upper"]),
-            "b": p["b"],
-        }
+        r = self._triangular(p["r_diag"], p["r_upper"])
+        rt = self._triangular(p["rt_diag"], p["rt_upper"])
+        out = {"r": r, "rt": rt, "b": p["b"]}
         out["diag"] = torch.tanh(p["r_diag"]) * torch.tanh(p["rt_diag"])
         if self.kind == "orthogonal":
-            q, r = torch.linalg.qr(p["q"])
-            out["q"] = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+            q, qr_r = torch.linalg.qr(p["q"])
+            out["q"] = q * torch.sign(torch.diagonal(qr_r, dim1=-2, dim2=-1)).unsqueeze(-2)
         elif self.kind == "householder":
             v = p["v"]
-            out["v"] = v / v.norm(dim=-1, keepdim=True)
+            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+            q = torch.eye(self.dim, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], -1, -1)
+            for u in v.unbind(-2):  # Q = H_1 ... H_K, with Q H = Q - 2 (Q u) uᵀ
+                q = q - 2 * matvec(q, u).unsqueeze(-1) * u.unsqueeze(-2)
+            out["q"] = q
+        if "q" in out:  # the forward map in two products: R̃ Qᵀ x and Q R a
+            out["into"], out["out"] = rt @ out["q"].mT, out["q"] @ r
+        elif self.reverse:
+            out["into"], out["out"] = rt.flip(-1), r.flip(-2)
+        else:
+            out["into"], out["out"] = rt, r
         return out
 
     def _to_basis(self, x: Tensor, p: Params) -> Tensor:
         """``Qᵀ x``."""
-        if self.kind == "orthogonal":
+        if "q" in p:
             return matvec(p["q"].mT, x)
-        if self.kind == "householder":
-            for v in p["v"].unbind(-2):
-                x = x - 2 * (x * v).sum(-1, keepdim=True) * v
-            return x
         return x.flip(-1) if self.reverse else x
 
     def _from_basis(self, v: Tensor, p: Params) -> Tensor:
         """``Q v``."""
-        if self.kind == "orthogonal":
+        if "q" in p:
             return matvec(p["q"], v)
-        if self.kind == "householder":
-            for u in reversed(p["v"].unbind(-2)):
-                v = v - 2 * (v * u).sum(-1, keepdim=True) * u
-            return v
         return v.flip(-1) if self.reverse else v
 
     def _forward(self, x: Tensor, p: Params) -> tuple[Tensor, Tensor]:
-        pre = matvec(p["rt"], self._to_basis(x, p)) + p["b"]
-        a = torch.tanh(pre)
-        y = x + self._from_basis(matvec(p["r"], a), p)
+        a = torch.tanh(matvec(p["into"], x) + p["b"])
+        y = x + matvec(p["out"], a)
         return y, torch.log1p((1 - a * a) * p["diag"]).sum(-1)
 
     def _backward(self, y: Tensor, p: Params) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,141 @@
+"""Forward + log-det and backward time per batch: pyroflows vs Pyro's equivalent transform.
+
+    python benchmarks/transforms.py [--device cuda] [--dims 16 64] [--batch 1024]
+
+Prints a table and writes benchmarks/results/transforms.json (device, versions, figures).
+A ratio below 1 means pyroflows is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyro
+import pyro.distributions.transforms as T
+import torch
+
+import pyroflows
+from pyroflows.transforms import Autoregressive, Planar, Radial, Sylvester
+
+NUM_HOUSEHOLDER = 4
+
+
+def pairs(dim: int) -> dict[str, tuple[Callable, Callable]]:
+    hidden = [4 * dim, 4 * dim]
+    return {
+        "iaf": (
+            lambda: Autoregressive(dim, hidden_dims=hidden),
+            lambda: T.AffineAutoregressive(pyro.nn.AutoRegressiveNN(dim, hidden)),
+        ),
+        "planar": (lambda: Planar(dim), lambda: T.Planar(dim)),
+        "radial": (lambda: Radial(dim), lambda: T.Radial(dim)),
+        "sylvester-householder": (
+            lambda: Sylvester(dim, kind="householder", num_householder=NUM_HOUSEHOLDER),
+            lambda: T.Sylvester(dim, count_transforms=NUM_HOUSEHOLDER),
+        ),
+    }
+
+
+def workloads(make: Callable, dim: int, batch: int, device: torch.device) -> dict[str, Callable]:
+    torch.manual_seed(0)
+    t = make().to(device)
+    x0 = torch.randn(batch, dim, device=device)
+
+    def forward():
+        x = x0.clone()  # a new tensor each call, so neither library's cache short-cuts it
+        y = t(x)
+        return y, t.log_abs_det_jacobian(x, y)
+
+    def forward_backward():
+        y, ladj = forward()
+        (y.square().sum() + ladj.sum()).backward()
+
+    return {"forward_ms": forward, "forward_backward_ms": forward_backward}
+
+
+def compare(ours: dict, theirs: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
+    """Median milliseconds of each workload, the two implementations timed alternately."""
+    times: dict = {(who, k): [] for who in ("ours", "theirs") for k in ours}
+    for key in ours:
+        for fn in (ours[key], theirs[key]):
+            for _ in range(5):
+                fn()
+        for _ in range(repeats):
+            for who, fn in (("ours", ours[key]), ("theirs", theirs[key])):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[who, key].append(1e3 * (time.perf_counter() - start))
+    a = {k: statistics.median(times["ours", k]) for k in ours}
+    b = {k: statistics.median(times["theirs", k]) for k in ours}
+    return a, b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transforms.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    rows = []
+    header = f"{'family':24}{'dim':>5}{'ours fwd':>11}{'pyro fwd':>11}{'ratio':>7}{'ours f+b':>11}{'pyro f+b':>11}{'ratio':>7}"
+    print(header)
+    for dim in args.dims:
+        for family, (ours, theirs) in pairs(dim).items():
+            a, b = compare(
+                workloads(ours, dim, args.batch, device),
+                workloads(theirs, dim, args.batch, device),
+                device,
+                args.repeats,
+            )
+            row = {
+                "family": family,
+                "dim": dim,
+                "batch": args.batch,
+                "pyroflows": a,
+                "pyro": b,
+                "forward_ratio": a["forward_ms"] / b["forward_ms"],
+                "forward_backward_ratio": a["forward_backward_ms"] / b["forward_backward_ms"],
+            }
+            rows.append(row)
+            print(
+                f"{family:24}{dim:5d}{a['forward_ms']:9.3f}ms{b['forward_ms']:9.3f}ms"
+                f"{row['forward_ratio']:7.2f}{a['forward_backward_ms']:9.3f}ms"
+                f"{b['forward_backward_ms']:9.3f}ms{row['forward_backward_ratio']:7.2f}"
+            )
+    result = {
+        "benchmark": "transforms",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+            "pyroflows": pyroflows.__version__,
+        },
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
