@@ -92,8 +92,10 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
     rows = []
-    header = f"{'family':24}{'dim':>5}{'ours fwd':>11}{'pyro fwd':>11}{'ratio':>7}{'ours f+b':>11}{'pyro f+b':>11}{'ratio':>7}"
-    print(header)
+    columns = ("ours fwd", "pyro fwd", "ratio", "ours f+b", "pyro f+b", "ratio")
+    widths = (11, 11, 7, 11, 11, 7)
+    cells = (f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
+    print(f"{'family':24}{'dim':>5}" + "".join(cells))
     for dim in args.dims:
         for family, (ours, theirs) in pairs(dim).items():
             a, b = compare(

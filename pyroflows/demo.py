@@ -87,8 +87,7 @@ def _plot(samples: Tensor, path: str, result: DemoResult) -> None:
     ax.contour(grid[..., 0], grid[..., 1], banana_log_density(grid).exp(), levels=8, colors="k")
     ax.scatter(*samples[:2000].T, s=2, alpha=0.4)
     ax.set(xlim=(-7, 7), ylim=(-6, 16), xlabel="z1", ylabel="z2")
-    ax.set_title(
-        f"{result.flow}: log Z {result.log_z:.3f} ± {result.log_z_stderr:.3f} (exact {result.exact_log_z:.3f})"
-    )
+    estimate = f"log Z {result.log_z:.3f} ± {result.log_z_stderr:.3f}"
+    ax.set_title(f"{result.flow}: {estimate} (exact {result.exact_log_z:.3f})")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -50,10 +50,11 @@ class ParameterMap(nn.Module):
     """Named parameter tensors, free or amortized.
 
     Without context (``context_dim=0``) the parameters are this module's own
-    ``nn.Parameter`` s, one per name. With ``context_dim > 0`` a network adds a context-dependent offset, so a
-    context of shape ``(*batch, context_dim)`` gives each parameter the shape
-    ``(*batch, *shape)``. The offset network's last layer starts small, so an amortized
-    flow starts near its unconditional twin yet already depends on the context.
+    ``nn.Parameter`` s, one per name. With ``context_dim > 0`` a network adds a
+    context-dependent offset, so a context of shape ``(*batch, context_dim)`` gives each
+    parameter the shape ``(*batch, *shape)``. The offset network's last layer starts small,
+    so an amortized flow starts near its unconditional twin yet already depends on the
+    context.
 
     >>> pm = ParameterMap({"w": torch.zeros(3), "b": torch.zeros(())}, context_dim=5)
     >>> {k: tuple(v.shape) for k, v in pm(torch.ones(7, 5)).items()}
