@@ -1,6 +1,6 @@
 """An amortized MAF learns p(z | c) = N(c, 0.5² I) by maximum likelihood.
 
-    python examples/conditional_density.py
+python examples/conditional_density.py
 """
 
 import pyro.distributions as dist

@@ -10,7 +10,17 @@ from pyro.distributions import ComposeTransformModule
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 
 from . import _checks
-from .transforms import ActNorm, Autoregressive, Coupling, Flow, LULinear, Planar, Radial, Sylvester
+from .transforms import (
+    ActNorm,
+    Autoregressive,
+    Continuous,
+    Coupling,
+    Flow,
+    LULinear,
+    Planar,
+    Radial,
+    Sylvester,
+)
 
 Layers = Callable[[int, int, int, dict[str, Any]], list[Flow]]
 
@@ -83,6 +93,7 @@ RECIPES: dict[str, Layers] = {
     "nice": _coupling("additive"),
     "realnvp": _coupling("affine"),
     "glow": _glow,
+    "cnf": _repeat(Continuous),
 }
 
 
@@ -100,7 +111,8 @@ def build(
     Recipes: ``iaf`` and ``maf`` (ordering reversed between layers), ``planar``,
     ``radial``, ``sylvester-o``, ``sylvester-h``, ``sylvester-t`` (alternating identity
     and reversal), ``nice`` (additive coupling + final scaling), ``realnvp`` (affine
-    coupling), ``glow`` (ActNorm, LU linear, affine coupling per layer).
+    coupling), ``glow`` (ActNorm, LU linear, affine coupling per layer), ``cnf``
+    (continuous-time flows; one layer is the usual choice).
 
     >>> flow = build("iaf", dim=4, num_layers=2)
     >>> flow(torch.zeros(3, 4)).shape

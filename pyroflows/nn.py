@@ -20,9 +20,14 @@ from . import _checks
 
 
 def mlp(
-    in_dim: int, hidden_dims: Sequence[int], out_dim: int, *, bias: bool = True
+    in_dim: int,
+    hidden_dims: Sequence[int],
+    out_dim: int,
+    *,
+    bias: bool = True,
+    activation: type[nn.Module] = nn.ReLU,
 ) -> nn.Sequential:
-    """A ReLU multi-layer perceptron; ``hidden_dims=()`` gives a single linear map.
+    """A multi-layer perceptron; ``hidden_dims=()`` gives a single linear map.
 
     >>> mlp(4, (8,), 3)(torch.zeros(2, 4)).shape
     torch.Size([2, 3])
@@ -30,7 +35,7 @@ def mlp(
     dims = (in_dim, *hidden_dims)
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(dims):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b), activation()]
     layers.append(nn.Linear(dims[-1], out_dim, bias=bias))
     return nn.Sequential(*layers)
 

@@ -18,6 +18,7 @@ import pyroflows as pf
 from pyroflows.transforms import (
     ActNorm,
     Autoregressive,
+    Continuous,
     Coupling,
     LULinear,
     Planar,
@@ -35,6 +36,7 @@ class Case:
     id: str
     make: Callable[..., torch.nn.Module]  # called with context_dim=...
     context_dim: int
+    tol: float = 1e-9  # round trips; an ODE solve is only as exact as its tolerances
 
     def build(self, dtype: torch.dtype = torch.float64, seed: int = 0, perturb: float = 0.3):
         """The flow with randomly perturbed parameters (after any data-dependent init)."""
@@ -70,6 +72,8 @@ def clear(transform) -> None:
                 module.clear_cache()
 
 
+ODE_TOL = {"rtol": 1e-8, "atol": 1e-8}
+
 FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
     "iaf": partial(Autoregressive, DIM, hidden_dims=(8, 8)),
     "iaf-stable": partial(Autoregressive, DIM, hidden_dims=(8,), stable=True),
@@ -90,6 +94,16 @@ FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
     "additive-coupling": partial(Coupling, DIM, hidden_dims=(8,), kind="additive"),
     "actnorm": partial(ActNorm, DIM),
     "lu-linear": partial(LULinear, DIM),
+    "cnf": partial(Continuous, DIM, hidden_dims=(8,), **ODE_TOL),
+    "cnf-adjoint-softplus-learned-time": partial(
+        Continuous,
+        DIM,
+        hidden_dims=(8,),
+        activation="softplus",
+        adjoint=True,
+        learn_time=True,
+        **ODE_TOL,
+    ),
 }
 
 RECIPE_OPTIONS = {
@@ -98,21 +112,30 @@ RECIPE_OPTIONS = {
     "nice": {"hidden_dims": (8,)},
     "realnvp": {"hidden_dims": (8,)},
     "glow": {"hidden_dims": (8,)},
+    "cnf": {"hidden_dims": (8,), **ODE_TOL},
 }
 
 
 def _recipe(name: str, context_dim: int = 0) -> ComposeTransformModule:
     return pf.build(
-        name, DIM, num_layers=2, context_dim=context_dim, **RECIPE_OPTIONS.get(name, {})
+        name,
+        DIM,
+        num_layers=1 if name == "cnf" else 2,
+        context_dim=context_dim,
+        **RECIPE_OPTIONS.get(name, {}),
     )
 
 
+def _tol(name: str) -> float:
+    return 1e-6 if "cnf" in name else 1e-9
+
+
 CASES = [
-    Case(f"{name}{'-amortized' if c else ''}", make, c)
+    Case(f"{name}{'-amortized' if c else ''}", make, c, _tol(name))
     for name, make in FAMILIES.items()
     for c in (0, CONTEXT_DIM)
 ] + [
-    Case(f"recipe-{name}{'-amortized' if c else ''}", partial(_recipe, name), c)
+    Case(f"recipe-{name}{'-amortized' if c else ''}", partial(_recipe, name), c, _tol(name))
     for name in pf.flows.RECIPES
     for c in (0, CONTEXT_DIM)
 ]

@@ -80,7 +80,7 @@ def test_other_family_options():
 
 def test_unknown_recipe_lists_the_valid_names():
     with pytest.raises(
-        ValueError, match=r"name must be one of 'iaf', 'maf', 'planar'.*'glow'; got 'flowy'"
+        ValueError, match=r"name must be one of 'iaf', 'maf', 'planar'.*'glow', 'cnf'; got 'flowy'"
     ):
         pf.build("flowy", 3)
 

@@ -2,6 +2,7 @@
 
 from .autoregressive import Autoregressive
 from .base import ConditionedFlow, Flow
+from .continuous import Continuous
 from .coupling import Coupling
 from .linear import ActNorm, LULinear
 from .planar import Planar
@@ -12,6 +13,7 @@ __all__ = [
     "ActNorm",
     "Autoregressive",
     "ConditionedFlow",
+    "Continuous",
     "Coupling",
     "Flow",
     "LULinear",

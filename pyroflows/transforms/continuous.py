@@ -1,0 +1,249 @@
+"""Continuous normalizing flow (Chen et al., 2018; FFJORD, Grathwohl et al., 2019)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from .. import _checks
+from ..nn import mlp
+from .base import Flow
+
+TRACES = ("exact", "hutchinson")
+PROBES = ("rademacher", "gaussian")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+FIXED_METHODS = ("rk4", "midpoint", "euler")
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+REGULARIZERS = ("kinetic", "jacobian")
+
+
+def _positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class Dynamics(nn.Module):
+    """``dz/ds = T f(z, sT, c)`` for ``s`` in ``[0, 1]``: an MLP on ``z``, Fourier features of
+    the time ``t = sT`` (``cos(kπt), sin(kπt)``, ``k = 1..freqs``) and the context ``c``.
+
+    Integrating over ``s`` with the end time ``T`` as a factor makes ``T`` an ordinary
+    (optionally learnable) parameter of the dynamics, for direct and adjoint gradients alike.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        hidden_dims: Sequence[int],
+        activation: str,
+        freqs: int,
+        time: float,
+        learn_time: bool,
+    ) -> None:
+        super().__init__()
+        act = ACTIVATIONS[_checks.one_of("activation", activation, ACTIVATIONS)]
+        hidden = _checks.int_sequence("hidden_dims", hidden_dims)
+        self.net = mlp(dim + 2 * freqs + context_dim, hidden, dim, activation=act)
+        self.register_buffer("freqs", torch.arange(1, freqs + 1) * math.pi, persistent=False)
+        log_time = torch.tensor(math.log(_positive_float("time", time)))
+        if learn_time:
+            self.log_time = nn.Parameter(log_time)
+        else:
+            self.register_buffer("log_time", log_time)
+
+    def velocity(self, s: Tensor, z: Tensor, context: Tensor | None) -> Tensor:
+        end = self.log_time.exp()
+        angles = self.freqs * (s * end)
+        features = [z, torch.cat([angles.cos(), angles.sin()]).expand(*z.shape[:-1], -1)]
+        if context is not None:
+            features.append(context.expand(*z.shape[:-1], -1))
+        return end * self.net(torch.cat(features, dim=-1))
+
+
+class _Solve:
+    """The augmented right-hand side of one solve: its context, probe and counters."""
+
+    def __init__(self, dynamics: Dynamics, context, trace: str, probe, regularize) -> None:
+        self.dynamics, self.context, self.trace, self.probe = dynamics, context, trace, probe
+        self.regularize = regularize
+        self.calls = 0
+        self.calls_in_solve = 0
+
+    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self.calls += 1
+        create_graph = torch.is_grad_enabled()  # off in an adjoint's forward solve and at eval
+        z = state[0]
+        with torch.enable_grad():
+            if not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            dz = self.dynamics.velocity(s, z, self.context)
+            if self.trace == "exact":
+                rows = [self._grad(dz[..., i].sum(), z, create_graph) for i in range(z.shape[-1])]
+                trace = sum(row[..., i] for i, row in enumerate(rows))
+                frobenius = sum(row.square().sum(-1) for row in rows) if self.regularize else None
+            else:
+                vjp = self._grad(dz, z, create_graph, self.probe)
+                trace = (vjp * self.probe).sum(-1)
+                frobenius = vjp.square().sum(-1) if self.regularize else None
+        out = (dz, trace)
+        if self.regularize:
+            out += (dz.square().sum(-1), frobenius)
+        return out
+
+    @staticmethod
+    def _grad(out: Tensor, z: Tensor, create_graph: bool, weight: Tensor | None = None) -> Tensor:
+        (g,) = torch.autograd.grad(
+            out, z, weight, create_graph=create_graph, retain_graph=True, allow_unused=True
+        )
+        return torch.zeros_like(z) if g is None else g
+
+
+class Continuous(Flow):
+    r"""``y = z(T)`` for ``dz/dt = f(z, t, c)``, ``z(0) = x``;
+    ``log|det dy/dx| = ∫₀ᵀ tr(∂f/∂z) dt``.
+
+    The state and its log-determinant are integrated together by :mod:`torchdiffeq`
+    (``odeint``, or ``odeint_adjoint`` with ``adjoint=True``); the inverse integrates backward
+    in time. The trace is ``trace="exact"`` (one vector-Jacobian product per dimension) or
+    ``"hutchinson"`` (``E[εᵀ ∂f/∂z ε]`` with one Rademacher or Gaussian probe ``ε`` held fixed
+    within a solve, FFJORD's unbiased estimate). Set ``flow.trace = "exact"`` to evaluate
+    exactly after training with Hutchinson.
+
+    ``f`` is an MLP (``hidden_dims``, ``activation`` in ``tanh``, ``softplus``, ``elu``) on ``z``,
+    Fourier features of ``t`` and, with ``context_dim > 0``, the context (amortized dynamics:
+    the encoder's context is concatenated to the network's input at every time).
+
+    Solver: ``method`` (adaptive ``dopri5`` (default), ``dopri8``, ``bosh3``,
+    ``adaptive_heun`` with ``rtol``/``atol`` and at most ``max_num_steps`` steps; fixed-step
+    ``rk4``, ``midpoint``, ``euler`` with ``num_steps`` steps), end time ``time`` (learnable
+    with ``learn_time=True``). ``nfe_forward`` and ``nfe_backward`` give the number of
+    function evaluations of the last solve and of the backward pass through it (adjoint only;
+    direct back-propagation evaluates no function).
+
+    ``regularize=True`` also integrates RNODE's regularisers (Finlay et al., 2020), the kinetic
+    energy ``∫|f|² dt`` and the Jacobian Frobenius norm ``∫|∂f/∂z|²_F dt`` (exact, or its
+    Hutchinson estimate), during the same solve; ``flow.regularization`` holds them, per
+    sample, after each solve, for the user to weight into the loss.
+
+    >>> t = Continuous(2, hidden_dims=(16,))
+    >>> x = torch.randn(5, 2)
+    >>> y, ladj = t.call_and_ladj(x)
+    >>> torch.allclose(t.inv(y.detach().clone()), x, atol=1e-3), t.nfe_forward > 0
+    (True, True)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        context_dim: int = 0,
+        hidden_dims: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        freqs: int = 3,
+        trace: str = "exact",
+        probe: str = "rademacher",
+        method: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-6,
+        max_num_steps: int = 1000,
+        num_steps: int = 20,
+        time: float = 1.0,
+        learn_time: bool = False,
+        adjoint: bool = False,
+        regularize: bool = False,
+    ) -> None:
+        super().__init__(dim, context_dim=context_dim)
+        _checks.nonnegative_int("freqs", freqs)
+        self.dynamics = Dynamics(dim, context_dim, hidden_dims, activation, freqs, time, learn_time)
+        self.trace = trace
+        self.probe = _checks.one_of("probe", probe, PROBES)
+        self.method = _checks.one_of("method", method, ADAPTIVE_METHODS + FIXED_METHODS)
+        self.rtol = _positive_float("rtol", rtol)
+        self.atol = _positive_float("atol", atol)
+        self.max_num_steps = _checks.positive_int("max_num_steps", max_num_steps)
+        self.num_steps = _checks.positive_int("num_steps", num_steps)
+        self.adjoint = bool(adjoint)
+        self.regularize = bool(regularize)
+        self.regularization: dict[str, Tensor] = {}
+        self._solve: _Solve | None = None
+
+    @property
+    def trace(self) -> str:
+        return self._trace
+
+    @trace.setter
+    def trace(self, value: str) -> None:
+        self._trace = _checks.one_of("trace", value, TRACES)
+
+    @property
+    def nfe_forward(self) -> int:
+        """Function evaluations of the last solve."""
+        return 0 if self._solve is None else self._solve.calls_in_solve
+
+    @property
+    def nfe_backward(self) -> int:
+        """Function evaluations since the last solve ended: the adjoint's backward solve."""
+        return 0 if self._solve is None else self._solve.calls - self._solve.calls_in_solve
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_solve"], state["regularization"] = None, {}
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, trace={self.trace!r}, method={self.method!r}, "
+            f"rtol={self.rtol}, atol={self.atol}, adjoint={self.adjoint}"
+        )
+
+    def _integrate(self, z: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        batch = z.shape[:-1]
+        if context is not None:
+            batch = torch.broadcast_shapes(batch, context.shape[:-1])
+            z = z.expand(*batch, self.dim)
+        probe = None
+        if self.trace == "hutchinson":
+            probe = torch.randn_like(z)
+            if self.probe == "rademacher":
+                probe = probe.sign()
+        solve = _Solve(self.dynamics, context, self.trace, probe, self.regularize)
+        zeros = z.new_zeros(batch)
+        state = (z, zeros) + ((zeros, zeros) if self.regularize else ())
+        grid = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=z.dtype, device=z.device)
+        if self.method in ADAPTIVE_METHODS:
+            options = {"max_num_steps": self.max_num_steps}
+        else:
+            options = {"step_size": 1.0 / self.num_steps}
+        kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method, "options": options}
+        try:
+            if self.adjoint:
+                params = tuple(p for p in self.dynamics.parameters() if p.requires_grad)
+                if context is not None and context.requires_grad:
+                    params += (context,)
+                out = odeint_adjoint(solve, state, grid, adjoint_params=params, **kwargs)
+            else:
+                out = odeint(solve, state, grid, **kwargs)
+        except AssertionError as error:  # torchdiffeq's step budget and step-size underflow
+            raise RuntimeError(
+                f"ODE solve failed: {error}. The dynamics are too stiff for rtol={self.rtol}, "
+                f"atol={self.atol} within max_num_steps={self.max_num_steps}; loosen the "
+                "tolerances or raise max_num_steps"
+            ) from error
+        solve.calls_in_solve = solve.calls
+        self._solve = solve
+        final = [s[-1] for s in out]
+        if self.regularize:
+            sign = -1.0 if reverse else 1.0
+            self.regularization = {"kinetic": sign * final[2], "jacobian": sign * final[3]}
+        return final[0], final[1]
+
+    def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._integrate(x, context, reverse=False)
+
+    def _backward(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._integrate(y, context, reverse=True)

@@ -1,0 +1,187 @@
+"""What is particular to the continuous-time flow (the registry covers the generic contract)."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyroflows as pf
+from pyroflows.transforms import Continuous
+
+f64 = torch.float64
+
+
+def make(seed: int = 0, **options) -> Continuous:
+    torch.manual_seed(seed)
+    options.setdefault("rtol", 1e-8)
+    options.setdefault("atol", 1e-8)
+    flow = Continuous(3, hidden_dims=(16,), **options).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return flow
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_average_matches_exact_trace(probe):
+    flow = make(probe=probe)
+    x = torch.randn(3, dtype=f64)
+    exact = flow.call_and_ladj(x)[1]
+    flow.trace = "hutchinson"
+    estimates = flow.call_and_ladj(x.expand(4000, 3))[1]  # one probe per row
+    se = estimates.std() / 4000**0.5
+    assert estimates.std() > 0  # really stochastic
+    assert abs(estimates.mean() - exact) < 4 * se
+
+
+def test_exact_trace_can_be_chosen_for_evaluation():
+    flow = make(trace="hutchinson")
+    x = torch.randn(5, 3, dtype=f64)
+    noisy = [flow.call_and_ladj(x.clone())[1] for _ in range(2)]
+    assert not torch.allclose(*noisy)
+    flow.trace = "exact"
+    exact = [flow.call_and_ladj(x.clone())[1] for _ in range(2)]
+    torch.testing.assert_close(*exact)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_adjoint_gradients_match_direct_backpropagation(trace):
+    grads = []
+    for adjoint in (False, True):
+        flow = make(adjoint=adjoint, learn_time=True, context_dim=2, trace=trace)
+        torch.manual_seed(1)  # the same data, context and Hutchinson probe for both
+        x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+        context = torch.randn(4, 2, dtype=f64, requires_grad=True)
+        y, ladj = flow.condition(context).call_and_ladj(x)
+        (y.square().sum() + ladj.sum()).backward()
+        grads.append([x.grad, context.grad] + [p.grad for p in flow.parameters()])
+        assert (flow.nfe_backward > 0) == adjoint
+    for direct, adjoint in zip(*grads, strict=True):
+        torch.testing.assert_close(adjoint, direct, atol=1e-5, rtol=1e-4)  # solver tolerance
+
+
+def test_rsample_then_log_prob_solves_once():
+    flow = make(rtol=1e-5, atol=1e-6)
+    d = dist.TransformedDistribution(
+        dist.Normal(torch.zeros(3, dtype=f64), 1.0).to_event(1), [flow]
+    )
+    z = d.rsample((6,))
+    solve = flow._solve
+    assert flow.nfe_forward > 0
+    d.log_prob(z)
+    assert flow._solve is solve  # no second solve
+    d.log_prob(z.detach().clone())
+    assert flow._solve is not solve  # an arbitrary point is solved backward
+
+
+def test_regularizers_known_answer_for_constant_velocity():
+    torch.manual_seed(0)
+    flow = Continuous(2, hidden_dims=(4,), regularize=True, time=2.0).double()
+    last = flow.dynamics.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.3, -0.4]))
+    x = torch.randn(5, 2, dtype=f64)
+    y, ladj = flow.call_and_ladj(x)
+    # dz/ds = T b on s in [0, 1]: y = x + T b, zero divergence, kinetic energy |T b|^2
+    torch.testing.assert_close(y, x + 2.0 * last.bias)
+    torch.testing.assert_close(ladj, torch.zeros(5, dtype=f64))
+    torch.testing.assert_close(
+        flow.regularization["kinetic"], torch.full((5,), 4 * 0.25, dtype=f64)
+    )
+    torch.testing.assert_close(flow.regularization["jacobian"], torch.zeros(5, dtype=f64))
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_regularizers_are_positive_and_trainable(trace):
+    flow = make(regularize=True, trace=trace)
+    flow.call_and_ladj(torch.randn(8, 3, dtype=f64))
+    reg = flow.regularization
+    assert (reg["kinetic"] > 0).all() and (reg["jacobian"] > 0).all()
+    (reg["kinetic"].sum() + reg["jacobian"].sum()).backward()
+    assert all(
+        p.grad is not None and p.grad.abs().max() > 0 for p in flow.dynamics.net.parameters()
+    )
+    flow.inverse_and_ladj(torch.randn(8, 3, dtype=f64))
+    assert (flow.regularization["kinetic"] > 0).all()
+
+
+@pytest.mark.parametrize("method", ["rk4", "euler", "midpoint", "bosh3"])
+def test_other_solvers_invert(method):
+    flow = make(method=method, num_steps=50, rtol=1e-7, atol=1e-7)
+    x = torch.randn(4, 3, dtype=f64)
+    y = flow(x)
+    flow.clear_cache()
+    atol = {"euler": 1e-1, "midpoint": 1e-3, "bosh3": 1e-4}.get(method, 1e-5)
+    torch.testing.assert_close(flow.inv(y.detach().clone()), x, atol=atol, rtol=0)
+
+
+def test_step_budget_raises_instead_of_hanging():
+    flow = make(rtol=1e-12, atol=1e-12, max_num_steps=3)
+    with pytest.raises(
+        RuntimeError, match=r"ODE solve failed: max_num_steps exceeded.*max_num_steps=3"
+    ):
+        flow(torch.randn(2, 3, dtype=f64))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rtol": 0}, "rtol must be a positive finite number"),
+        ({"atol": -1e-3}, "atol must be a positive finite number"),
+        ({"rtol": float("nan")}, "rtol must be a positive finite number"),
+        ({"method": "leapfrog"}, "method must be one of 'dopri5'"),
+        ({"trace": "skilling"}, "trace must be one of 'exact', 'hutchinson'"),
+        ({"probe": "normal"}, "probe must be one of 'rademacher', 'gaussian'"),
+        ({"activation": "relu"}, "activation must be one of 'tanh', 'softplus', 'elu'"),
+        ({"time": 0.0}, "time must be a positive finite number"),
+        ({"time": -1}, "time must be a positive finite number"),
+        ({"max_num_steps": 0}, "max_num_steps must be a positive integer"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        Continuous(2, **options)
+
+
+def test_bad_trace_assignment_and_context_shape():
+    flow = Continuous(2, context_dim=3)
+    with pytest.raises(ValueError, match="trace must be one of"):
+        flow.trace = "approximate"
+    with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 3\)"):
+        flow.condition(torch.randn(4, 2))
+
+
+def test_cnf_recipe_fits_a_2d_density():
+    """Maximum likelihood through the inverse solve on a correlated Gaussian."""
+    torch.manual_seed(0)
+    flow = pf.build("cnf", 2, num_layers=1, hidden_dims=(32,), trace="hutchinson")
+    base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [flow])
+    target = dist.MultivariateNormal(
+        torch.tensor([1.0, -1.0]), torch.tensor([[1.0, 0.8], [0.8, 1.0]])
+    )
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = -q.log_prob(target.sample((128,))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    flow.trace = "exact"
+    data = target.sample((2000,))
+    with torch.no_grad():
+        nll = -q.log_prob(data).mean().item()
+    assert nll < -target.log_prob(data).mean().item() + 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_hutchinson_and_adjoint_on_cuda(adjoint):
+    flow = make(trace="hutchinson", adjoint=adjoint, context_dim=2).cuda()
+    x = torch.randn(16, 3, dtype=f64, device="cuda")
+    context = torch.randn(16, 2, dtype=f64, device="cuda")
+    y, ladj = flow.condition(context).call_and_ladj(x)
+    (y.sum() + ladj.sum()).backward()
+    assert y.device.type == "cuda" and all(p.grad.device.type == "cuda" for p in flow.parameters())
