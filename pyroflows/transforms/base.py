@@ -20,6 +20,8 @@ into ``TransformedDistribution`` and ``ConditionalTransformedDistribution``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,6 +31,23 @@ from torch import Tensor
 from torch.distributions import Transform, constraints
 
 from .. import _checks
+
+_CACHE = {"enabled": True}
+
+
+@contextmanager
+def cache_disabled() -> Iterator[None]:
+    """Within this block every flow recomputes instead of reusing its cached entry.
+
+    Used where the same tensor must be re-evaluated under different parameter values, e.g.
+    the guide's log density with stopped parameters in DReG and STL gradients.
+    """
+    before = _CACHE["enabled"]
+    _CACHE["enabled"] = False
+    try:
+        yield
+    finally:
+        _CACHE["enabled"] = before
 
 
 class _CachedBijection(Transform):
@@ -57,7 +76,9 @@ class _CachedBijection(Transform):
 
     def _cached(self, position: int, tensor: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         last = self._last
-        if last is not None and last[position] is tensor and last[3] == self._state():
+        if not _CACHE["enabled"] or last is None or last[position] is not tensor:
+            return None
+        if last[3] == self._state():
             return last[0], last[1], last[2]
         return None
 

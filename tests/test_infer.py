@@ -1,0 +1,292 @@
+"""Guides and objectives against a conjugate Gaussian model, whose evidence is known."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO
+from torch import nn
+
+import pyroflows as pf
+from pyroflows import AmortizedFlowGuide, AutoFlow
+from pyroflows.infer import ELBO, IWAE, log_marginal_likelihood
+
+NOISE = 0.8
+PRIOR = 1.0
+
+
+def global_model(x):
+    """z ~ N(0, I₂), xₙ ~ N(z, 0.8² I₂): one global latent."""
+    z = pyro.sample("z", dist.Normal(torch.zeros(2, device=x.device), PRIOR).to_event(1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(z, NOISE).to_event(1), obs=x)
+
+
+def global_evidence(x):
+    n = len(x)
+    cov = PRIOR**2 * torch.ones(n, n) + NOISE**2 * torch.eye(n)
+    return dist.MultivariateNormal(torch.zeros(n), cov).log_prob(x.T.cpu()).sum().item()
+
+
+def global_posterior(x):
+    precision = 1 / PRIOR**2 + len(x) / NOISE**2
+    return x.sum(0) / NOISE**2 / precision, precision**-0.5
+
+
+def local_model(x):
+    """zₙ ~ N(0, I₂), xₙ ~ N(zₙ, 0.8² I₂): one local latent per datum."""
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), PRIOR).to_event(1))
+        pyro.sample("x", dist.Normal(z, NOISE).to_event(1), obs=x)
+
+
+def local_evidence(x):
+    return dist.Normal(0.0, math.hypot(PRIOR, NOISE)).log_prob(x).sum(-1)  # per datum
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(0)
+    return torch.randn(2) + NOISE * torch.randn(10, 2)
+
+
+def fit(guide, model, x, steps, lr=1e-2, loss=None):
+    pyro.clear_param_store()
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": lr}),
+        loss or Trace_ELBO(num_particles=16, vectorize_particles=True),
+    )
+    for step in range(steps):
+        value = svi.step(x)
+        assert math.isfinite(value), f"non-finite loss at step {step}"
+    return guide
+
+
+SETTINGS = {  # recipe: (steps, options)
+    "radial": (1500, {"hidden_dims": (16,)}),
+    "cnf": (500, {"hidden_dims": (8,), "rtol": 1e-3, "atol": 1e-3, "num_layers": 1}),
+}
+
+
+@pytest.mark.parametrize("name", list(pf.flows.RECIPES))
+def test_autoflow_elbo_reaches_the_evidence(name, data):
+    pyro.set_rng_seed(0)
+    steps, options = SETTINGS.get(name, (1000, {"hidden_dims": (16,)}))
+    guide = AutoFlow(global_model, flow=name, **options)
+    schedule = pyro.optim.ClippedAdam({"lr": 3e-2, "lrd": 0.03 ** (1 / steps)})
+    svi = SVI(global_model, guide, schedule, ELBO(num_particles=16, estimator="stl"))
+    for _ in range(steps):
+        svi.step(data)
+    with torch.no_grad():
+        elbo = -ELBO(num_particles=20000).loss(global_model, guide, data)
+    exact = global_evidence(data)
+    assert elbo <= exact + 0.01
+    assert exact - elbo < 0.02, f"{name}: gap {exact - elbo:.4f}"
+
+
+def test_iwae_is_above_the_elbo_and_grows_with_k(data):
+    pyro.set_rng_seed(0)
+    guide = fit(AutoFlow(global_model, flow="planar"), global_model, data, steps=30)  # imperfect
+    bounds = []
+    for k in (1, 4, 16, 64):
+        values = torch.tensor(
+            [-IWAE(num_particles=k).loss(global_model, guide, data) for _ in range(100)]
+        )
+        bounds.append((values.mean(), values.std() / 10))
+    elbo = -ELBO(num_particles=4000).loss(global_model, guide, data)
+    assert abs(bounds[0][0] - elbo) < 4 * bounds[0][1] + 0.01  # IWAE(1) is the ELBO
+    for (low, se_low), (high, se_high) in itertools.pairwise(bounds):
+        assert high > low - 3 * math.hypot(se_low, se_high)
+    assert bounds[-1][0] > bounds[0][0] + 0.05  # it really tightens here
+    assert bounds[-1][0] < global_evidence(data) + 3 * bounds[-1][1]
+
+
+def test_log_marginal_likelihood_within_three_standard_errors(data):
+    pyro.set_rng_seed(0)
+    guide = fit(AutoFlow(global_model, flow="iaf"), global_model, data, steps=100)
+    result = log_marginal_likelihood(global_model, guide, data, num_samples=5000, chunk_size=700)
+    assert result.log_px.shape == ()
+    assert abs(result.log_px.item() - global_evidence(data)) < 3 * result.stderr.item() + 1e-3
+    assert 1 < result.ess.item() <= 5000
+
+
+def test_log_marginal_likelihood_per_datum_for_local_latents(data):
+    pyro.set_rng_seed(0)
+    encoder = nn.Sequential(nn.Linear(2, 16), nn.Tanh())
+    guide = AmortizedFlowGuide(encoder, latent_dim=2, context_dim=16, flow="iaf", hidden_dims=(16,))
+    fit(guide, local_model, data, steps=300)
+    result = log_marginal_likelihood(local_model, guide, data, num_samples=3000, chunk_size=1000)
+    exact = local_evidence(data)
+    assert result.log_px.shape == result.stderr.shape == result.ess.shape == (10,)
+    assert ((result.log_px - exact).abs() < 3 * result.stderr + 2e-3).all()
+
+
+def subsampled_local_model(x, size):
+    with pyro.plate("data", size, subsample=torch.arange(len(x))):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), PRIOR).to_event(1))
+        pyro.sample("x", dist.Normal(z, NOISE).to_event(1), obs=x)
+
+
+def subsampled_guide(x, size):
+    with pyro.plate("data", size, subsample=torch.arange(len(x))):
+        pyro.sample("z", dist.Normal(0.5 * x, 0.7).to_event(1))
+
+
+def test_per_datum_iwae_against_renyi_with_and_without_subsampling(data):
+    """Both keep the data plate; Pyro's RenyiELBO scales log weights inside the logsumexp."""
+    renyi = RenyiELBO(alpha=0, num_particles=16, vectorize_particles=True)
+    pyro.set_rng_seed(3)
+    ours = -IWAE(num_particles=16).loss(subsampled_local_model, subsampled_guide, data, len(data))
+    pyro.set_rng_seed(3)
+    theirs = -renyi.loss(subsampled_local_model, subsampled_guide, data, len(data))
+    assert ours == pytest.approx(theirs, abs=1e-4)  # no subsampling: the same estimator
+    # a batch of 10 from a data set of 1000: the same per-datum bound, scaled by 100
+    pyro.set_rng_seed(3)
+    scaled = -IWAE(num_particles=16).loss(subsampled_local_model, subsampled_guide, data, 1000)
+    pyro.set_rng_seed(3)
+    theirs = -renyi.loss(subsampled_local_model, subsampled_guide, data, 1000)
+    assert scaled == pytest.approx(100 * ours, rel=1e-5)
+    assert abs(scaled - theirs) > 1.0
+
+
+def _guide_grads(loss, model, guide, x, reps):
+    params = None
+    grads = []
+    for _ in range(reps):
+        for p in guide.parameters():
+            p.grad = None
+        loss.loss_and_grads(model, guide, x)
+        params = [p for p in guide.flow.parameters()]
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    return torch.stack(grads)
+
+
+def test_dreg_matches_iwae_in_expectation_with_lower_variance(data):
+    pyro.set_rng_seed(0)
+    guide = fit(AutoFlow(global_model, flow="planar"), global_model, data, steps=200)
+    standard = _guide_grads(IWAE(num_particles=32), global_model, guide, data, 300)
+    dreg = _guide_grads(IWAE(num_particles=32, estimator="dreg"), global_model, guide, data, 300)
+    se = torch.sqrt((standard.var(0) + dreg.var(0)) / 300)
+    assert ((standard.mean(0) - dreg.mean(0)).abs() < 4 * se + 1e-3).all()
+    ratio = (dreg.var(0).sum() / standard.var(0).sum()).item()
+    assert ratio < 0.5, f"DReG / IWAE gradient variance {ratio:.3f}"
+
+
+def test_stl_variance_vanishes_at_the_exact_posterior(data):
+    pyro.set_rng_seed(0)
+    from pyro.infer.autoguide import init_to_mean
+
+    guide = AutoFlow(global_model, flow="realnvp", init_loc_fn=init_to_mean)  # identity flow
+    guide(data)
+    loc, scale = global_posterior(data)
+    with torch.no_grad():
+        guide.loc.copy_(loc)
+    guide.scale = torch.full((2,), scale)
+    stl = _scale_grads(ELBO(num_particles=8, estimator="stl"), guide, data)
+    standard = _scale_grads(ELBO(num_particles=8), guide, data)
+    assert stl.var(0).max() < 1e-8
+    assert standard.var(0).max() > 1e-3
+
+
+def _scale_grads(loss, guide, x):
+    grads = []
+    for _ in range(50):
+        guide.zero_grad()
+        loss.loss_and_grads(global_model, guide, x)
+        grads.append(guide.loc.grad.clone())
+    return torch.stack(grads)
+
+
+def test_autoflow_with_predictive_constrained_sites_plates_and_quantiles():
+    def model(x):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 2.0))
+        with pyro.plate("groups", 3, dim=-1):
+            loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+            with pyro.plate("data", len(x), dim=-2):
+                pyro.sample("x", dist.Normal(loc, 1 / rate), obs=x)
+
+    x = torch.randn(20, 3)
+    guide = AutoFlow(model, flow="sylvester-h", num_layers=2)
+    fit(guide, model, x, steps=20, loss=Trace_ELBO(num_particles=4, vectorize_particles=True))
+    samples = Predictive(model, guide=guide, num_samples=50, return_sites=["rate", "loc", "x"])(x)
+    assert samples["rate"].numel() == 50 and (samples["rate"] > 0).all()
+    assert samples["loc"].reshape(50, -1).shape == (50, 3)
+    q = guide.quantiles([0.1, 0.5, 0.9], num_samples=500)
+    assert q["rate"].shape == (3,) and (q["rate"] > 0).all() and (q["rate"].diff() > 0).all()
+    assert guide.median(num_samples=500)["loc"].shape == (3,)
+
+
+def test_amortized_guide_with_iwae_dreg_trains(data):
+    pyro.set_rng_seed(0)
+    encoder = nn.Sequential(nn.Linear(2, 16), nn.Tanh())
+    guide = AmortizedFlowGuide(
+        encoder, latent_dim=2, context_dim=16, flow="sylvester-o", num_layers=2
+    )
+    iwae = IWAE(num_particles=64)
+    before = torch.tensor([-iwae.loss(local_model, guide, data) for _ in range(10)])
+    fit(guide, local_model, data, steps=200, loss=IWAE(num_particles=8, estimator="dreg"))
+    after = torch.tensor([-iwae.loss(local_model, guide, data) for _ in range(10)])
+    assert after.mean() > before.mean() + 0.3
+    assert after.mean() < local_evidence(data).sum() + 3 * after.std() / math.sqrt(10)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: IWAE(num_particles=0), "num_particles must be a positive integer"),
+        (lambda: ELBO(estimator="dreg"), "estimator must be one of 'standard', 'stl'"),
+        (lambda: IWAE(estimator="stl"), "estimator must be one of 'standard', 'dreg'"),
+        (lambda: AutoFlow(global_model, flow="spline"), "flow must be one of 'iaf'"),
+        (lambda: AutoFlow(global_model, init_scale=0.0), "init_scale must be a positive number"),
+        (lambda: AmortizedFlowGuide(nn.Identity(), 2, 0), "context_dim must be a positive integer"),
+    ],
+)
+def test_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_bad_chunk_size_discrete_latents_and_missing_sites(data):
+    guide = AutoFlow(global_model)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        log_marginal_likelihood(global_model, guide, data, chunk_size=0)
+
+    def discrete_model():
+        pyro.sample("c", dist.Bernoulli(0.5))
+
+    def discrete_guide():
+        pyro.sample("c", dist.Bernoulli(0.3))
+
+    with pytest.raises(ValueError, match="guide site 'c' is not reparameterizable"):
+        IWAE(num_particles=2).loss(discrete_model, discrete_guide)
+
+    def empty_guide(x):
+        pass
+
+    with pytest.raises(ValueError, match="model latent site 'z' has no counterpart in the guide"):
+        IWAE(num_particles=2).loss(global_model, empty_guide, data)
+
+
+def test_encoder_output_size_is_checked():
+    guide = AmortizedFlowGuide(nn.Linear(2, 5), latent_dim=2, context_dim=4)
+    with pytest.raises(ValueError, match=r"encoder output must have shape \(\.\.\., 4\)"):
+        guide(torch.randn(3, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_autoflow_and_evaluation_follow_the_model_to_cuda(data):
+    x = data.cuda()
+    guide = AutoFlow(global_model, flow="iaf")
+    fit(guide, global_model, x, steps=5)
+    assert all(p.device.type == "cuda" for p in guide.parameters())
+    result = log_marginal_likelihood(global_model, guide, x, num_samples=1000)
+    assert result.log_px.device.type == "cuda"
+    IWAE(num_particles=8, estimator="dreg").loss_and_grads(global_model, guide, x)
