@@ -116,6 +116,15 @@ class ELBO(_Weighted):
     the score term by evaluating ``log q`` with the guide's parameters stopped, so its
     variance vanishes as ``q`` reaches the exact posterior.
 
+    For VAEs: ``kl_weight`` (β, KL warm-up) scales the KL part
+    ``E_q[log q(z) - log p(z)]`` of each latent site, so the objective is
+    ``E[log p(x | z)] - β KL``; set ``elbo.kl_weight`` each step for a schedule, e.g.
+    ``min(1, step / warmup)``. ``free_bits`` (λ nats, Kingma et al., 2016) replaces each latent
+    site's KL, averaged over the data in the batch, by ``max(λ, KL)``: no gradient pushes a
+    site below λ nats per datum. With a flow posterior the KL does not split over
+    dimensions, so a group is a latent site. Both need each guide latent site to have a model
+    site of the same name; the loss then reports this objective, not the ELBO.
+
     >>> import pyro, pyro.distributions as dist
     >>> from pyroflows import AutoFlow
     >>> def model():
@@ -126,9 +135,45 @@ class ELBO(_Weighted):
 
     estimators = ("standard", "stl")
 
+    def __init__(
+        self,
+        num_particles: int = 1,
+        estimator: str = "standard",
+        max_plate_nesting: int | None = None,
+        *,
+        kl_weight: float = 1.0,
+        free_bits: float = 0.0,
+    ) -> None:
+        super().__init__(num_particles, estimator, max_plate_nesting)
+        self.kl_weight = kl_weight
+        self.free_bits = _nonnegative("free_bits", free_bits)
+
+    @property
+    def kl_weight(self) -> float:
+        return self._kl_weight
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        self._kl_weight = _nonnegative("kl_weight", value)
+
     def _objective(self, lw: w.LogWeights) -> torch.Tensor:
-        return lw.values.mean(0).sum() * lw.scale
+        if self.kl_weight == 1.0 and not self.free_bits:
+            return lw.values.mean(0).sum() * lw.scale
+        likelihood, kls = w.kl_terms(lw)
+        total = likelihood.mean(0).sum()
+        for kl in kls.values():
+            kl = kl.mean(0)  # per datum (or the whole data set's, for global latents)
+            if self.free_bits:
+                kl = torch.clamp(kl.mean(), min=self.free_bits) * kl.numel()
+            total = total - self.kl_weight * kl.sum()
+        return total * lw.scale
 
     def _objective_and_surrogate(self, lw, model, args, kwargs):
         surrogate = self._objective(lw)  # with STL, log q has stopped parameters
         return surrogate.detach(), surrogate
+
+
+def _nonnegative(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)

@@ -36,8 +36,10 @@ class LogWeights:
     values: Tensor  # (K,) or (K, data points)
     frames: frozenset  # the data plate(s), empty for the usual bound
     scale: float  # subsampling scale of the data plate(s)
+    nesting: int  # plates including the particles'; the particle plate is at -nesting
     model_trace: Any
     guide_trace: Any
+    guide_log_probs: dict | None = None  # with stopped parameters, for DReG and STL
 
     @property
     def per_datum(self) -> bool:
@@ -163,11 +165,35 @@ def log_weights(
         guide_sites, frames, rank, guide_log_probs
     )
     scale = math.prod((f.full_size or f.size) / f.size for f in frames)
-    return LogWeights(_flatten(total, bool(frames)), frames, scale, model_trace, guide_trace)
+    return LogWeights(
+        _flatten(total, bool(frames)), frames, scale, nesting, model_trace, guide_trace,
+        guide_log_probs,
+    )  # fmt: skip
 
 
-def model_log_density_at_stopped_latents(model, lw: LogWeights, args, kwargs, nesting: int):
+def kl_terms(lw: LogWeights) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(log p(x | z), {site: log q(z) - log p(z)})`` per particle (and datum), reduced like
+    ``lw``: the likelihood and a one-sample KL estimate for each latent site of the guide."""
+    model_sites = {s["name"]: s for s in lw.model_trace.nodes.values() if s["type"] == "sample"}
+    nesting = lw.nesting
+    observed = [s for s in model_sites.values() if s["is_observed"]]
+    likelihood = _flatten(_site_sum(observed, lw.frames, nesting), lw.per_datum)
+    kls = {}
+    for site in _latent_sites(lw.guide_trace):
+        if site["name"] not in model_sites:
+            raise ValueError(
+                f"guide site {site['name']!r} has no model counterpart; KL terms (free bits) "
+                "need guide and model latent sites paired by name"
+            )
+        q = _site_sum([site], lw.frames, nesting, lw.guide_log_probs)
+        p = _site_sum([model_sites[site["name"]]], lw.frames, nesting)
+        kls[site["name"]] = _flatten(q - p, lw.per_datum)
+    return likelihood, kls
+
+
+def model_log_density_at_stopped_latents(model, lw: LogWeights, args, kwargs) -> Tensor:
     """``log p(x, stop(z))`` per particle (and datum), reduced like ``lw``."""
+    nesting = lw.nesting
     values = {s["name"]: s["value"].detach() for s in _latent_sites(lw.guide_trace)}
     k = lw.values.shape[0]
     run = _particles(poutine.condition(model, data=values), k, -nesting)

@@ -1,0 +1,160 @@
+"""Importance-sampled log p(x) for a VAE on binarized MNIST: seconds per image and peak memory.
+
+    python benchmarks/iwae_eval.py [--device cuda] [--images 20] [--samples 1000 5000]
+
+The VAE has a 2-layer IAF posterior (encoder 784-300-300 giving the context, IAF networks of
+width 300, decoder 40-300-300-784 Bernoulli), freshly initialised: the figures are timings,
+not likelihoods. Contenders, each estimating log p(x) of the same test images with K samples:
+
+- ``pyroflows``: ``pyroflows.infer.log_marginal_likelihood`` (vectorized chunks);
+- ``torch-loop``: a hand-written chunked torch loop over the same modules (no Pyro);
+- ``pyro-renyi``: Pyro's ``RenyiELBO(alpha=0)`` with vectorized particles (one image at a time:
+  all K particles at once);
+- ``pyro-importance``: Pyro's ``Importance`` (one sample at a time; run on fewer images).
+
+Reads ../shared/data/binarized_mnist.npz (skips with a message where absent); prints a table
+and writes benchmarks/results/iwae_eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Importance, RenyiELBO
+from torch import nn
+
+import pyroflows
+from pyroflows import AmortizedFlowGuide
+from pyroflows.infer import log_marginal_likelihood
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "binarized_mnist.npz"
+LATENT = 40
+
+
+class Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(LATENT, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 784)
+        )
+
+    def model(self, x: torch.Tensor) -> None:
+        pyro.module("decoder", self)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(LATENT), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.net(z)).to_event(1), obs=x)
+
+
+def torch_loop(decoder: Decoder, guide: AmortizedFlowGuide, x: torch.Tensor, k: int, chunk: int):
+    """The same estimate without Pyro: chunked samples, running logsumexp."""
+    q = guide.posterior(x)
+    prior = dist.Normal(x.new_zeros(LATENT), 1.0).to_event(1)
+    total = None
+    for start in range(0, k, chunk):
+        z = q.rsample((min(chunk, k - start),))
+        log_w = prior.log_prob(z) + dist.Bernoulli(logits=decoder.net(z)).to_event(1).log_prob(x)
+        log_w = torch.logsumexp(log_w - q.log_prob(z), 0)
+        total = log_w if total is None else torch.logaddexp(total, log_w)
+    return total - math.log(k)
+
+
+def timed(fn, device: torch.device) -> tuple[float, float | None]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20
+    return time.perf_counter() - start, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--importance-images", type=int, default=1)
+    parser.add_argument("--samples", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--chunk", type=int, default=500)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "iwae_eval.json"))
+    args = parser.parse_args()
+    if not DATA.exists():
+        sys.exit(f"skipped: {DATA} not found (statically binarized MNIST, see shared/data/README)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but CUDA is not available")
+    with np.load(DATA) as f:
+        test = np.unpackbits(f["test"], axis=1)[:, :784]
+    x = torch.tensor(test[: args.images], dtype=torch.float32, device=device)
+
+    torch.manual_seed(0)
+    decoder = Decoder().to(device)
+    encoder = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU())
+    guide = AmortizedFlowGuide(
+        encoder, LATENT, 300, flow="iaf", num_layers=2, hidden_dims=(300,)
+    ).to(device)
+    model = decoder.model
+    rows = []
+    print(
+        f"{'K':>6} {'contender':16}{'images':>7}{'s/image':>10}{'peak MiB':>10}{'vs pyroflows':>14}"
+    )
+    for k in args.samples:
+        runs = {
+            "pyroflows": (args.images, lambda k=k: log_marginal_likelihood(
+                model, guide, x, num_samples=k, chunk_size=args.chunk)),
+            "torch-loop": (args.images, lambda k=k: torch_loop(decoder, guide, x, k, args.chunk)),
+            "pyro-renyi": (args.images, lambda k=k: [
+                RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+                .loss(model, guide, x[i : i + 1]) for i in range(len(x))]),
+            "pyro-importance": (args.importance_images, lambda k=k: [
+                Importance(model, guide, num_samples=k).run(x[i : i + 1]).get_log_normalizer()
+                for i in range(args.importance_images)]),
+        }  # fmt: skip
+        base = None
+        for name, (n, fn) in runs.items():
+            pyro.clear_param_store()
+            seconds, peak = timed(fn, device)  # once: a warm-up run would double the cost
+            per_image = seconds / n
+            base = per_image if name == "pyroflows" else base
+            rows.append(
+                {
+                    "samples": k,
+                    "contender": name,
+                    "images": n,
+                    "seconds_per_image": per_image,
+                    "peak_mib": peak,
+                    "time_vs_pyroflows": per_image / base,
+                }
+            )
+            peak_text = "-" if peak is None else f"{peak:.0f}"
+            print(f"{k:6d} {name:16}{n:7d}{per_image:10.4f}{peak_text:>10}{per_image / base:14.2f}")
+    result = {
+        "benchmark": "iwae_eval",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),  # noqa: E501
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "settings": {"images": args.images, "chunk": args.chunk, "latent": LATENT,
+                     "posterior": "2-layer IAF, width 300, untrained (timing only)"},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "pyro": pyro.__version__, "pyroflows": pyroflows.__version__},
+        "rows": rows,
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
