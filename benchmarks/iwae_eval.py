@@ -68,7 +68,7 @@ def torch_loop(decoder: Decoder, guide: AmortizedFlowGuide, x: torch.Tensor, k: 
     return total - math.log(k)
 
 
-def timed(fn, device: torch.device) -> tuple[float, float | None]:
+def timed(fn, device: torch.device) -> tuple[float, float]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -78,7 +78,7 @@ def timed(fn, device: torch.device) -> tuple[float, float | None]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20
-    return time.perf_counter() - start, None
+    return time.perf_counter() - start, float("nan")  # CPU: no allocator statistics
 
 
 def main() -> None:
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--importance-images", type=int, default=1)
     parser.add_argument("--samples", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--chunk", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3, help="best of, except for Importance")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "iwae_eval.json"))
     args = parser.parse_args()
     if not DATA.exists():
@@ -106,39 +107,42 @@ def main() -> None:
         encoder, LATENT, 300, flow="iaf", num_layers=2, hidden_dims=(300,)
     ).to(device)
     model = decoder.model
+
+    def contenders(k: int) -> dict:
+        """name: (images, the call estimating their log p(x) with k samples)."""
+        renyi = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+        return {
+            "pyroflows": (args.images, lambda: log_marginal_likelihood(
+                model, guide, x, num_samples=k, chunk_size=args.chunk)),
+            "torch-loop": (args.images, lambda: torch_loop(decoder, guide, x, k, args.chunk)),
+            "pyro-renyi": (args.images, lambda: [
+                renyi.loss(model, guide, x[i : i + 1]) for i in range(len(x))]),
+            "pyro-importance": (args.importance_images, lambda: [
+                Importance(model, guide, num_samples=k).run(x[i : i + 1]).get_log_normalizer()
+                for i in range(args.importance_images)]),
+        }  # fmt: skip
+
+    for name, (_, fn) in contenders(min(args.samples)).items():  # warm-up, untimed
+        if name != "pyro-importance":
+            timed(fn, device)
     rows = []
     print(
         f"{'K':>6} {'contender':16}{'images':>7}{'s/image':>10}{'peak MiB':>10}{'vs pyroflows':>14}"
     )
     for k in args.samples:
-        runs = {
-            "pyroflows": (args.images, lambda k=k: log_marginal_likelihood(
-                model, guide, x, num_samples=k, chunk_size=args.chunk)),
-            "torch-loop": (args.images, lambda k=k: torch_loop(decoder, guide, x, k, args.chunk)),
-            "pyro-renyi": (args.images, lambda k=k: [
-                RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
-                .loss(model, guide, x[i : i + 1]) for i in range(len(x))]),
-            "pyro-importance": (args.importance_images, lambda k=k: [
-                Importance(model, guide, num_samples=k).run(x[i : i + 1]).get_log_normalizer()
-                for i in range(args.importance_images)]),
-        }  # fmt: skip
         base = None
-        for name, (n, fn) in runs.items():
+        for name, (n, fn) in contenders(k).items():
             pyro.clear_param_store()
-            seconds, peak = timed(fn, device)  # once: a warm-up run would double the cost
+            repeats = 1 if name == "pyro-importance" else args.repeats
+            seconds, peak = min(timed(fn, device) for _ in range(repeats))
             per_image = seconds / n
             base = per_image if name == "pyroflows" else base
-            rows.append(
-                {
-                    "samples": k,
-                    "contender": name,
-                    "images": n,
-                    "seconds_per_image": per_image,
-                    "peak_mib": peak,
-                    "time_vs_pyroflows": per_image / base,
-                }
-            )
-            peak_text = "-" if peak is None else f"{peak:.0f}"
+            rows.append({
+                "samples": k, "contender": name, "images": n, "seconds_per_image": per_image,
+                "peak_mib": None if math.isnan(peak) else peak,
+                "time_vs_pyroflows": per_image / base,
+            })  # fmt: skip
+            peak_text = "-" if math.isnan(peak) else f"{peak:.0f}"
             print(f"{k:6d} {name:16}{n:7d}{per_image:10.4f}{peak_text:>10}{per_image / base:14.2f}")
     result = {
         "benchmark": "iwae_eval",
