@@ -14,18 +14,15 @@ Prints a table and writes benchmarks/results/cnf.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import common
 import pyro.distributions as dist
 import torch
 import zuko
 
-import pyroflows
 from pyroflows.transforms import Continuous
 
 HIDDEN = (64, 64)
@@ -112,11 +109,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cnf.json"))
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    device = common.cuda_device(args.device)
     targets = {"banana-2d": (2, banana), "mixture-16d": (16, mixture(16))}
     rows = []
     print(f"{'target':13}{'trace':11}{'contender':20}{'ms/step':>10}{'NFE':>8}{'ratio':>8}")
@@ -146,26 +140,15 @@ def main() -> None:
                     f"{target:13}{trace:11}{name:20}{figures['step_ms']:10.1f}"
                     f"{figures['nfe']:8.1f}{ratio:8.2f}"
                 )
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    )
-    result = {
-        "benchmark": "cnf",
-        "device": device_name,
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "settings": {"steps": args.steps, "batch": args.batch, "hidden": HIDDEN, **TOL},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "zuko": zuko.__version__,
-            "pyroflows": pyroflows.__version__,
+    common.write(
+        "cnf",
+        device,
+        {
+            "settings": {"steps": args.steps, "batch": args.batch, "hidden": HIDDEN, **TOL},
+            "rows": rows,
         },
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        zuko=zuko.__version__,
+    )
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ and writes benchmarks/results/iwae_eval.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -33,7 +32,6 @@ import torch
 from pyro.infer import Importance, RenyiELBO
 from torch import nn
 
-import pyroflows
 from pyroflows import AmortizedFlowGuide
 from pyroflows.infer import log_marginal_likelihood
 
@@ -89,13 +87,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--chunk", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="best of, except for Importance")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "iwae_eval.json"))
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} not found (statically binarized MNIST, see shared/data/README)")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda asked for, but CUDA is not available")
+    device = common.cuda_device(args.device)
     with np.load(DATA) as f:
         test = np.unpackbits(f["test"], axis=1)[:, :784]
     x = torch.tensor(test[: args.images], dtype=torch.float32, device=device)
@@ -144,20 +139,20 @@ def main() -> None:
             })  # fmt: skip
             peak_text = "-" if math.isnan(peak) else f"{peak:.0f}"
             print(f"{k:6d} {name:16}{n:7d}{per_image:10.4f}{peak_text:>10}{per_image / base:14.2f}")
-    result = {
-        "benchmark": "iwae_eval",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),  # noqa: E501
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "settings": {"images": args.images, "chunk": args.chunk, "latent": LATENT,
-                     "posterior": "2-layer IAF, width 300, untrained (timing only)"},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "pyro": pyro.__version__, "pyroflows": pyroflows.__version__},
-        "rows": rows,
-    }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    common.write(
+        "iwae_eval",
+        device,
+        {
+            "settings": {
+                "images": args.images,
+                "chunk": args.chunk,
+                "latent": LATENT,
+                "posterior": "2-layer IAF, width 300, untrained (timing only)",
+            },
+            "rows": rows,
+        },
+        pyro=pyro.__version__,
+    )
 
 
 if __name__ == "__main__":

@@ -9,18 +9,15 @@ A ratio below 1 means pyroflows is faster.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import common
 import pyro
 import pyro.distributions.transforms as T
 import torch
 
-import pyroflows
 from pyroflows.transforms import Autoregressive, Planar, Radial, Sylvester
 
 NUM_HOUSEHOLDER = 4
@@ -86,11 +83,8 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transforms.json"))
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    device = common.cuda_device(args.device)
     rows = []
     columns = ("ours fwd", "pyro fwd", "ratio", "ours f+b", "pyro f+b", "ratio")
     widths = (11, 11, 7, 11, 11, 7)
@@ -119,24 +113,7 @@ def main() -> None:
                 f"{row['forward_ratio']:7.2f}{a['forward_backward_ms']:9.3f}ms"
                 f"{b['forward_backward_ms']:9.3f}ms{row['forward_backward_ratio']:7.2f}"
             )
-    result = {
-        "benchmark": "transforms",
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "pyro": pyro.__version__,
-            "pyroflows": pyroflows.__version__,
-        },
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    common.write("transforms", device, {"rows": rows}, pyro=pyro.__version__)
 
 
 if __name__ == "__main__":
