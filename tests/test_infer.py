@@ -336,3 +336,18 @@ def test_free_bits_hold_the_kl_at_lambda(data):
         ELBO(free_bits=-1.0)
     with pytest.raises(ValueError, match="kl_weight must be a non-negative finite number"):
         elbo.kl_weight = float("inf")
+
+
+@pytest.mark.parametrize(
+    "name", ["planar", "iaf", "sylvester-o", "sylvester-h", "sylvester-t", "cnf"]
+)
+def test_amortized_guide_recipes_under_dreg_and_stl(name, data):
+    encoder = nn.Sequential(nn.Linear(2, 8), nn.Tanh())
+    options = {"hidden_dims": (8,), "trace": "hutchinson"} if name == "cnf" else {}
+    guide = AmortizedFlowGuide(encoder, latent_dim=2, context_dim=8, flow=name, **options)
+    for loss in (IWAE(num_particles=4, estimator="dreg"), ELBO(num_particles=4, estimator="stl")):
+        guide.zero_grad()
+        assert math.isfinite(loss.loss_and_grads(local_model, guide, data))
+        grads = [p.grad for p in guide.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert log_marginal_likelihood(local_model, guide, data, num_samples=16).log_px.shape == (10,)

@@ -103,7 +103,7 @@ class IWAE(_Weighted):
         normalized = torch.softmax(values.detach(), 0)  # w̃ per datum (or overall)
         guide_part = (normalized.square() * values).sum() * lw.scale
         # the model's gradient: Σ (w̃ - w̃²) ∇θ log p(x, stop(z)), added to the w̃² above
-        model_lp = w.model_log_density_at_stopped_latents(model, lw, args, kwargs, self._nesting)
+        model_lp = w.model_log_density_at_stopped_latents(model, lw, args, kwargs)
         model_part = ((normalized - normalized.square()) * model_lp).sum() * lw.scale
         bound = (torch.logsumexp(values.detach(), 0) - math.log(values.shape[0])).sum() * lw.scale
         return bound, guide_part + model_part
