@@ -35,30 +35,25 @@ class _Weighted(PyroELBO):
     def _get_trace(self, model, guide, args, kwargs):  # required by pyro's ELBO, unused
         raise NotImplementedError
 
-    def _weights(self, model, guide, args, kwargs, stopped: bool) -> w.LogWeights:
-        if self._nesting is None:
+    def _ensure_nesting(self, model, guide, args, kwargs) -> None:
+        if self._nesting is None:  # runs guide and model once: before any seeded sampling
             self._nesting = w.plate_nesting(model, guide, args, kwargs)
-        nesting = self._nesting
-        model_trace, guide_trace = w.traces(model, guide, args, kwargs, self.num_particles, nesting)
+
+    def _weights(
+        self, model, guide, args, kwargs, stopped: bool, num_particles: int | None = None
+    ) -> w.LogWeights:
+        self._ensure_nesting(model, guide, args, kwargs)
+        nesting, k = self._nesting, num_particles or self.num_particles
+        model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting)
         w.check_reparameterized(guide_trace)
         stopped_lp = None
         if stopped:
-            stopped_lp = w.stopped_guide_log_probs(
-                guide, guide_trace, args, kwargs, self.num_particles, nesting
-            )
+            stopped_lp = w.stopped_guide_log_probs(guide, guide_trace, args, kwargs, k, nesting)
         return w.log_weights(model_trace, guide_trace, nesting, stopped_lp)
 
-    def loss(self, model, guide, *args: Any, **kwargs: Any) -> float:
-        with torch.no_grad():
-            loss = -torch_item(self._objective(self._weights(model, guide, args, kwargs, False)))
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
-        stopped = self.estimator != "standard"
-        lw = self._weights(model, guide, args, kwargs, stopped)
-        objective, surrogate = self._objective_and_surrogate(lw, model, args, kwargs)
-        (-surrogate).backward()
+    def _finish(self, objective: torch.Tensor, surrogate: torch.Tensor | None) -> float:
+        if surrogate is not None:
+            (-surrogate).backward()
         loss = -torch_item(objective)
         warn_if_nan(loss, "loss")
         return loss
@@ -81,6 +76,12 @@ class IWAE(_Weighted):
     model keeps the standard ``Σ_k w̃ₖ ∇θ log p(x, zₖ)``. It costs one more guide pass (the
     flow's inverse at the samples) and one more model pass.
 
+    ``chunk_size`` bounds memory for large ``K``: the particles are drawn ``chunk_size`` at a
+    time, first without gradients to get the self-normalized weights over all ``K``, then
+    again from the same random seeds, chunk by chunk, each back-propagated on its own. The
+    gradient is exactly that of the unchunked bound on the same samples, at the cost of a
+    second forward pass.
+
     >>> import pyro, pyro.distributions as dist
     >>> from pyroflows import AutoFlow
     >>> def model():
@@ -92,21 +93,82 @@ class IWAE(_Weighted):
 
     estimators = ("standard", "dreg")
 
-    def _objective(self, lw: w.LogWeights) -> torch.Tensor:
-        return lw.bound()
+    def __init__(
+        self,
+        num_particles: int = 1,
+        estimator: str = "standard",
+        max_plate_nesting: int | None = None,
+        *,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(num_particles, estimator, max_plate_nesting)
+        self.chunk_size = (
+            None if chunk_size is None else _checks.positive_int("chunk_size", chunk_size)
+        )
 
-    def _objective_and_surrogate(self, lw, model, args, kwargs):
+    def _chunks(self) -> list[int]:
+        k, c = self.num_particles, self.chunk_size or self.num_particles
+        return [min(c, k - start) for start in range(0, k, c)]
+
+    def _surrogate(self, lw: w.LogWeights, normalized: torch.Tensor, model, args, kwargs):
+        """Σ w̃ ∇ log w (standard), or DReG's Σ w̃² ∇_z log w_stop + Σ (w̃ - w̃²) ∇θ log p,
+        for particles whose self-normalized weights over all K are ``normalized``."""
         if self.estimator == "standard":
-            bound = lw.bound()
-            return bound.detach(), bound
-        values = lw.values
-        normalized = torch.softmax(values.detach(), 0)  # w̃ per datum (or overall)
-        guide_part = (normalized.square() * values).sum() * lw.scale
-        # the model's gradient: Σ (w̃ - w̃²) ∇θ log p(x, stop(z)), added to the w̃² above
+            return (normalized * lw.values).sum() * lw.scale
+        guide_part = (normalized.square() * lw.values).sum()
         model_lp = w.model_log_density_at_stopped_latents(model, lw, args, kwargs)
-        model_part = ((normalized - normalized.square()) * model_lp).sum() * lw.scale
-        bound = (torch.logsumexp(values.detach(), 0) - math.log(values.shape[0])).sum() * lw.scale
-        return bound, guide_part + model_part
+        model_part = ((normalized - normalized.square()) * model_lp).sum()
+        return (guide_part + model_part) * lw.scale
+
+    def loss(self, model, guide, *args: Any, **kwargs: Any) -> float:
+        seeds = self._seeds(model, guide, args, kwargs)
+        with torch.no_grad():
+            values, scale = self._all_values(model, guide, args, kwargs, seeds)
+        return self._finish(_bound(values, scale), None)
+
+    def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
+        stopped = self.estimator != "standard"
+        if len(self._chunks()) == 1:
+            lw = self._weights(model, guide, args, kwargs, stopped)
+            normalized = torch.softmax(lw.values.detach(), 0)
+            surrogate = self._surrogate(lw, normalized, model, args, kwargs)
+            return self._finish(_bound(lw.values.detach(), lw.scale), surrogate)
+        # chunked: the normalized weights over all K first, then each chunk's gradient from
+        # the same samples (same seeds), so memory is bounded by one chunk
+        seeds = self._seeds(model, guide, args, kwargs)
+        with torch.no_grad():
+            values, scale = self._all_values(model, guide, args, kwargs, seeds)
+        normalized = torch.softmax(values, 0).split(self._chunks())
+        for seed, k, weights in zip(seeds, self._chunks(), normalized, strict=True):
+            lw = _seeded(seed, lambda k=k: self._weights(model, guide, args, kwargs, stopped, k))
+            (-self._surrogate(lw, weights, model, args, kwargs)).backward()
+        return self._finish(_bound(values, scale), None)
+
+    def _seeds(self, model, guide, args, kwargs) -> list[int | None]:
+        self._ensure_nesting(model, guide, args, kwargs)
+        if len(self._chunks()) == 1:
+            return [None]
+        return torch.randint(2**62, (len(self._chunks()),)).tolist()
+
+    def _all_values(self, model, guide, args, kwargs, seeds) -> tuple[torch.Tensor, float]:
+        parts = [
+            _seeded(seed, lambda k=k: self._weights(model, guide, args, kwargs, False, k))
+            for seed, k in zip(seeds, self._chunks(), strict=True)
+        ]
+        return torch.cat([lw.values for lw in parts]), parts[0].scale
+
+
+def _bound(values: torch.Tensor, scale: float) -> torch.Tensor:
+    return (torch.logsumexp(values, 0) - math.log(values.shape[0])).sum() * scale
+
+
+def _seeded(seed: int | None, fn):
+    """``fn()`` with the torch generator seeded by ``seed`` (left alone when ``None``)."""
+    if seed is None:
+        return fn()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return fn()
 
 
 class ELBO(_Weighted):
@@ -168,9 +230,16 @@ class ELBO(_Weighted):
             total = total - self.kl_weight * kl.sum()
         return total * lw.scale
 
-    def _objective_and_surrogate(self, lw, model, args, kwargs):
+    def loss(self, model, guide, *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return self._finish(
+                self._objective(self._weights(model, guide, args, kwargs, False)), None
+            )
+
+    def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
+        lw = self._weights(model, guide, args, kwargs, stopped=self.estimator == "stl")
         surrogate = self._objective(lw)  # with STL, log q has stopped parameters
-        return surrogate.detach(), surrogate
+        return self._finish(surrogate.detach(), surrogate)
 
 
 def _nonnegative(name: str, value: object) -> float:

@@ -45,11 +45,6 @@ class LogWeights:
     def per_datum(self) -> bool:
         return bool(self.frames)
 
-    def bound(self) -> Tensor:
-        """The importance-weighted bound ``Σ log mean_k w``, scaled for subsampling."""
-        k = self.values.shape[0]
-        return (torch.logsumexp(self.values, 0) - math.log(k)).sum() * self.scale
-
 
 def _particles(fn: Callable, k: int, dim: int) -> Callable:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
