@@ -208,7 +208,7 @@ class ELBO(_Weighted):
     ) -> None:
         super().__init__(num_particles, estimator, max_plate_nesting)
         self.kl_weight = kl_weight
-        self.free_bits = _nonnegative("free_bits", free_bits)
+        self.free_bits = _checks.nonnegative_number("free_bits", free_bits)
 
     @property
     def kl_weight(self) -> float:
@@ -216,7 +216,7 @@ class ELBO(_Weighted):
 
     @kl_weight.setter
     def kl_weight(self, value: float) -> None:
-        self._kl_weight = _nonnegative("kl_weight", value)
+        self._kl_weight = _checks.nonnegative_number("kl_weight", value)
 
     def _objective(self, lw: w.LogWeights) -> torch.Tensor:
         if self.kl_weight == 1.0 and not self.free_bits:
@@ -240,9 +240,3 @@ class ELBO(_Weighted):
         lw = self._weights(model, guide, args, kwargs, stopped=self.estimator == "stl")
         surrogate = self._objective(lw)  # with STL, log q has stopped parameters
         return self._finish(surrogate.detach(), surrogate)
-
-
-def _nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-    return float(value)

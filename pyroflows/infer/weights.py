@@ -128,14 +128,13 @@ def _site_sum(
     keep = {-rank} | {f.dim for f in frames}
     total = 0.0
     for site in sites:
-        if frames:  # per datum: unscaled; the subsampling scale is applied to the bound
+        # per datum: unscaled, the subsampling scale multiplies the bound; else scaled
+        if replace is not None:
+            lp = replace[site["name"]] if frames else replace[site["name"]] * site["scale"]
+        elif frames:
             lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
-            if replace is not None:
-                lp = replace[site["name"]]
         else:
             lp = site["log_prob"]
-            if replace is not None:
-                lp = replace[site["name"]] * site["scale"]
         total = total + _reduce(lp, keep, rank)
     return total
 
@@ -152,12 +151,11 @@ def log_weights(
     ``guide_log_probs`` replaces the guide's log densities site by site (e.g. evaluated with
     stopped parameters for DReG/STL).
     """
-    rank = nesting
     model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
     guide_sites = _latent_sites(guide_trace)
     frames = _data_frames(model_sites + guide_sites)
-    total = _site_sum(model_sites, frames, rank) - _site_sum(
-        guide_sites, frames, rank, guide_log_probs
+    total = _site_sum(model_sites, frames, nesting) - _site_sum(
+        guide_sites, frames, nesting, guide_log_probs
     )
     scale = math.prod((f.full_size or f.size) / f.size for f in frames)
     return LogWeights(

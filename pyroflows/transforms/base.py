@@ -32,6 +32,8 @@ from torch.distributions import Transform, constraints
 
 from .. import _checks
 
+Params = dict[str, Tensor]  # what ``_params`` returns in the parameter-valued families
+
 _CACHE = {"enabled": True}
 
 

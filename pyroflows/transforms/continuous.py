@@ -21,12 +21,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Softp
 REGULARIZERS = ("kinetic", "jacobian")
 
 
-def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 class Dynamics(nn.Module):
     """``dz/ds = T f(z, sT, c)`` for ``s`` in ``[0, 1]``: an MLP on ``z``, Fourier features of
     the time ``t = sT`` (``cos(kπt), sin(kπt)``, ``k = 1..freqs``) and the context ``c``.
@@ -50,7 +44,7 @@ class Dynamics(nn.Module):
         hidden = _checks.int_sequence("hidden_dims", hidden_dims)
         self.net = mlp(dim + 2 * freqs + context_dim, hidden, dim, activation=act)
         self.register_buffer("freqs", torch.arange(1, freqs + 1) * math.pi, persistent=False)
-        log_time = torch.tensor(math.log(_positive_float("time", time)))
+        log_time = torch.tensor(math.log(_checks.positive_number("time", time)))
         if learn_time:
             self.log_time = nn.Parameter(log_time)
         else:
@@ -174,8 +168,8 @@ class Continuous(Flow):
         self.trace = trace
         self.probe = _checks.one_of("probe", probe, PROBES)
         self.method = _checks.one_of("method", method, ADAPTIVE_METHODS + FIXED_METHODS)
-        self.rtol = _positive_float("rtol", rtol)
-        self.atol = _positive_float("atol", atol)
+        self.rtol = _checks.positive_number("rtol", rtol)
+        self.atol = _checks.positive_number("atol", atol)
         self.max_num_steps = _checks.positive_int("max_num_steps", max_num_steps)
         self.num_steps = _checks.positive_int("num_steps", num_steps)
         self.adjoint = bool(adjoint)

@@ -9,9 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn import ParameterMap, solve_increasing
-from .base import Flow
-
-Params = dict[str, Tensor]
+from .base import Flow, Params
 
 
 class Planar(Flow):

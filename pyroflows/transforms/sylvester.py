@@ -9,9 +9,8 @@ from torch import Tensor
 
 from .. import _checks
 from ..nn import ParameterMap, matvec, solve_increasing
-from .base import Flow
+from .base import Flow, Params
 
-Params = dict[str, Tensor]
 KINDS = ("orthogonal", "householder", "triangular")
 
 
@@ -99,8 +98,8 @@ class Sylvester(Flow):
         p = self.params(context)
         r = self._triangular(p["r_diag"], p["r_upper"])
         rt = self._triangular(p["rt_diag"], p["rt_upper"])
-        out = {"r": r, "rt": rt, "b": p["b"]}
-        out["diag"] = torch.tanh(p["r_diag"]) * torch.tanh(p["rt_diag"])
+        diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(rt, dim1=-2, dim2=-1)
+        out = {"r": r, "rt": rt, "b": p["b"], "diag": diag}
         if self.kind == "orthogonal":
             q, qr_r = torch.linalg.qr(p["q"])
             out["q"] = q * torch.sign(torch.diagonal(qr_r, dim1=-2, dim2=-1)).unsqueeze(-2)
