@@ -47,17 +47,15 @@ class Radial(Flow):
         alpha = F.softplus(p["alpha"])
         return {"center": p["center"], "alpha": alpha, "beta": F.softplus(p["beta"]) - alpha}
 
-    def _ladj(self, r: Tensor, p: Params) -> Tensor:
-        alpha = p["alpha"]
-        h = 1 / (alpha + r)
-        beta_h = p["beta"] * h
-        return (self.dim - 1) * torch.log1p(beta_h) + torch.log1p(alpha * beta_h * h)
+    def _ladj(self, h: Tensor, beta_h: Tensor, p: Params) -> Tensor:
+        """``log|det J|`` from ``h = 1 / (α + r)`` and ``β h``."""
+        return (self.dim - 1) * torch.log1p(beta_h) + torch.log1p(p["alpha"] * beta_h * h)
 
     def _forward(self, x: Tensor, p: Params) -> tuple[Tensor, Tensor]:
         diff = x - p["center"]
-        r = torch.linalg.vector_norm(diff, dim=-1)
-        y = torch.addcmul(x, (p["beta"] / (p["alpha"] + r)).unsqueeze(-1), diff)
-        return y, self._ladj(r, p)
+        h = 1 / (p["alpha"] + torch.linalg.vector_norm(diff, dim=-1))
+        beta_h = p["beta"] * h
+        return torch.addcmul(x, beta_h.unsqueeze(-1), diff), self._ladj(h, beta_h, p)
 
     def _backward(self, y: Tensor, p: Params) -> tuple[Tensor, Tensor]:
         alpha, beta = p["alpha"], p["beta"]
@@ -66,5 +64,7 @@ class Radial(Flow):
         c = alpha + beta - r_y
         root = (c * c + 4 * alpha * r_y).sqrt()
         r = torch.where(c > 0, 2 * alpha * r_y / (c + root), (root - c) / 2)
-        x = p["center"] + diff / (1 + beta / (alpha + r)).unsqueeze(-1)
-        return x, -self._ladj(r, p)
+        h = 1 / (alpha + r)
+        beta_h = beta * h
+        x = p["center"] + diff / (1 + beta_h).unsqueeze(-1)
+        return x, -self._ladj(h, beta_h, p)
