@@ -1,10 +1,10 @@
 """Networks shared by the flow families.
 
-Masked autoregressive networks (MADE) and dense conditioners come from Pyro
-(:class:`pyro.nn.AutoRegressiveNN`, :class:`pyro.nn.DenseNN` and their conditional
-versions); this module adds what Pyro lacks: a plain MLP with optional hidden layers and
-:class:`ParameterMap`, the one mechanism by which a family's parameters are either free
-``nn.Parameter`` s or predicted from a context.
+Dense conditioners come from Pyro (:class:`pyro.nn.DenseNN` and its conditional version),
+and :class:`MADE` builds its masks with Pyro's :func:`~pyro.nn.auto_reg_nn.create_mask`.
+This module adds a plain MLP with optional hidden layers, a MADE whose forward pass has
+less Python overhead than Pyro's, and :class:`ParameterMap`, the one mechanism by which a
+family's parameters are either free ``nn.Parameter`` s or predicted from a context.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
+from pyro.nn.auto_reg_nn import MaskedLinear, create_mask
 from torch import Tensor, nn
 
 from . import _checks
@@ -40,15 +42,67 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def matvec(a: Tensor, v: Tensor) -> Tensor:
-    """``a @ v`` for matrices ``(*batch, m, n)`` and vectors ``(..., *batch, n)``.
+class MADE(nn.Module):
+    """Masked autoregressive network (Germain et al., 2015), optionally conditional.
 
-    >>> matvec(torch.eye(2), torch.ones(3, 2)).shape
-    torch.Size([3, 2])
+    Maps ``x`` of shape ``(..., dim)`` to ``outputs`` tensors of that shape; output ``i`` of
+    each depends only on the inputs before ``i`` in the order ``permutation``, and on the
+    whole context when ``context_dim > 0`` (Paige and Wood, 2016); context and input batch
+    shapes broadcast, and the context's share of the first layer is computed once per
+    context rather than once per sample. The masks are Pyro's; the layers are applied
+    directly rather than through ``nn.Module.__call__``.
+
+    >>> net = MADE(3, (8,), outputs=2)
+    >>> m, s = net(torch.randn(5, 3))
+    >>> torch.autograd.functional.jacobian(lambda x: net(x)[0], torch.randn(3)).triu().abs().sum()
+    tensor(0.)
     """
-    if a.dim() == 2:
-        return v @ a.mT
-    return (a @ v.unsqueeze(-1)).squeeze(-1)
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dims: Sequence[int],
+        *,
+        context_dim: int = 0,
+        permutation: Tensor | None = None,
+        outputs: int = 2,
+    ) -> None:
+        super().__init__()
+        self.dim = _checks.positive_int("dim", dim)
+        self.outputs = _checks.positive_int("outputs", outputs)
+        hidden = list(_checks.int_sequence("hidden_dims", hidden_dims))
+        if permutation is None:
+            permutation = torch.arange(dim)
+        masks, _ = create_mask(dim, context_dim, hidden, permutation, outputs)
+        dims = (dim + context_dim, *hidden, outputs * dim)
+        pairs = zip(itertools.pairwise(dims), masks, strict=True)
+        self.layers = nn.ModuleList(MaskedLinear(a, b, mask) for (a, b), mask in pairs)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
+        first, *rest = self.layers
+        weight = first.weight * first.mask
+        if context is None:
+            x = F.linear(x, weight, first.bias)
+        else:  # the context's term once per context, not once per sample: W [c; x] + b
+            k = context.shape[-1]
+            x = F.linear(x, weight[:, k:]) + F.linear(context, weight[:, :k], first.bias)
+        for layer in rest:
+            x = F.linear(torch.relu(x), layer.weight * layer.mask, layer.bias)
+        return x.unflatten(-1, (self.outputs, self.dim)).unbind(-2)
+
+
+def matvec(a: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a @ v (+ bias)`` for matrices ``(*batch, m, n)`` and vectors ``(..., *batch, n)``.
+
+    >>> matvec(torch.eye(2), torch.ones(3, 2), torch.ones(2))
+    tensor([[2., 2.],
+            [2., 2.],
+            [2., 2.]])
+    """
+    if a.dim() == 2 and (bias is None or bias.dim() == 1):
+        return F.linear(v, a, bias)
+    out = (a @ v.unsqueeze(-1)).squeeze(-1)
+    return out if bias is None else out + bias
 
 
 class ParameterMap(nn.Module):

@@ -45,6 +45,47 @@ def test_exact_trace_can_be_chosen_for_evaluation():
     torch.testing.assert_close(*exact)
 
 
+def test_changing_a_setting_invalidates_the_cached_solve():
+    flow = make(trace="hutchinson")
+    x = torch.randn(5, 3, dtype=f64)
+    noisy = flow.call_and_ladj(x)[1]
+    flow.trace = "exact"  # the same tensor again: recomputed, not the cached estimate
+    exact = flow.call_and_ladj(x)[1]
+    assert not torch.allclose(noisy, exact)
+    conditioned = make(context_dim=2).condition(torch.randn(2, dtype=f64))
+    before = conditioned.call_and_ladj(x)[1]
+    conditioned._flow.method, conditioned._flow.num_steps = "euler", 2
+    assert not torch.allclose(conditioned.call_and_ladj(x)[1], before)
+
+
+def test_trace_scale_changes_tolerance_not_the_map():
+    """Fixed steps: the scaled log-det is the same number; adaptive: within the tolerance."""
+    x = torch.randn(6, 3, dtype=f64)
+    results = {}
+    for method in ("rk4", "dopri5"):
+        for scale in (1.0, 1e-2):
+            flow = make(method=method, trace_scale=scale, rtol=1e-6, atol=1e-6, regularize=True)
+            results[method, scale] = (*flow.call_and_ladj(x), *flow.regularization.values())
+    for a, b in zip(results["rk4", 1.0], results["rk4", 1e-2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(results["dopri5", 1.0], results["dopri5", 1e-2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_max_norm_is_stricter_than_rms():
+    """One badly resolved sample in a batch of easy ones: the max norm takes more steps and
+    gets closer to the tight solution."""
+    x = torch.cat([torch.zeros(63, 3, dtype=f64), torch.full((1, 3), 4.0, dtype=f64)])
+    reference = make().call_and_ladj(x)[1]
+    steps, errors = {}, {}
+    for norm in ("rms", "max"):
+        flow = make(norm=norm, rtol=1e-4, atol=1e-4)
+        ladj = flow.call_and_ladj(x)[1]
+        steps[norm], errors[norm] = flow.nfe_forward, (ladj - reference).abs().max()
+    assert steps["max"] > steps["rms"]
+    assert errors["max"] < errors["rms"]
+
+
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 def test_adjoint_gradients_match_direct_backpropagation(trace):
     grads = []
@@ -138,6 +179,8 @@ def test_step_budget_raises_instead_of_hanging():
         ({"time": 0.0}, "time must be a positive finite number"),
         ({"time": -1}, "time must be a positive finite number"),
         ({"max_num_steps": 0}, "max_num_steps must be a positive integer"),
+        ({"trace_scale": 0.0}, "trace_scale must be a positive finite number"),
+        ({"norm": "l1"}, "norm must be one of 'rms', 'max'"),
     ],
 )
 def test_bad_options(options, message):
@@ -149,6 +192,8 @@ def test_bad_trace_assignment_and_context_shape():
     flow = Continuous(2, context_dim=3)
     with pytest.raises(ValueError, match="trace must be one of"):
         flow.trace = "approximate"
+    with pytest.raises(ValueError, match="rtol must be a positive finite number"):
+        flow.rtol = -1.0
     with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 3\)"):
         flow.condition(torch.randn(4, 2))
 

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import _checks
+from ..nn import MADE
 from .base import Flow
 
 DIRECTIONS = ("iaf", "maf")
@@ -25,11 +25,11 @@ class Autoregressive(Flow):
 
     ``stable=True`` is the gated update of Kingma et al. (2016):
     ``σ = sigmoid(s + 2)``, ``μ = (1 - σ) m``, i.e. ``y = σ x + (1 - σ) m``. Otherwise
-    ``log σ = 5 tanh(s / 5)``, a soft clamp to ``(-5, 5)``.
+    ``log σ = clamp(s, -5, 5)``, with its exact (zero outside the range) gradient.
 
     ``permutation`` is the order of the autoregressive factorisation (default: identity);
     :func:`pyroflows.flows.build` reverses it between layers. ``context_dim > 0`` feeds the
-    context to every layer of the network (Pyro's :class:`ConditionalAutoRegressiveNN`).
+    context to every unit of the network's first layer (:class:`pyroflows.nn.MADE`).
 
     >>> t = Autoregressive(3, hidden_dims=(16,))
     >>> x = torch.randn(5, 3)
@@ -59,38 +59,29 @@ class Autoregressive(Flow):
             raise ValueError(
                 f"permutation must be a permutation of range({dim}), got {permutation!r}"
             )
-        if context_dim:
-            self.net: nn.Module = ConditionalAutoRegressiveNN(
-                dim, context_dim, list(hidden), param_dims=[1, 1], permutation=permutation
-            )
-        else:
-            self.net = AutoRegressiveNN(
-                dim, list(hidden), param_dims=[1, 1], permutation=permutation
-            )
+        self.net = MADE(dim, hidden, context_dim=context_dim, permutation=permutation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, direction={self.direction!r}, stable={self.stable}"
 
     def _affine(self, c: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """``(σ, μ, log σ)`` given the conditioning input ``c``."""
-        if context is None:
-            m, s = self.net(c)
-        else:
-            m, s = self.net(c, context)
+        m, s = self.net(c, context)
         if self.stable:
-            gate = torch.sigmoid(s + 2.0)
-            return gate, (1 - gate) * m, F.logsigmoid(s + 2.0)
-        log_scale = 5 * torch.tanh(s / 5)
+            s = s + 2.0
+            gate = torch.sigmoid(s)
+            return gate, (1 - gate) * m, F.logsigmoid(s)
+        log_scale = F.hardtanh(s, -5.0, 5.0)
         return log_scale.exp(), m, log_scale
 
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.direction == "iaf":
             scale, shift, log_scale = self._affine(x, context)
-            return x * scale + shift, log_scale.sum(-1)
+            return torch.addcmul(shift, x, scale), log_scale.sum(-1)
         y = torch.zeros_like(x)
         for _ in range(self.dim):  # each pass fixes one more coordinate
             scale, shift, log_scale = self._affine(y, context)
-            y = x * scale + shift
+            y = torch.addcmul(shift, x, scale)
         return y, log_scale.sum(-1)
 
     def _backward(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:

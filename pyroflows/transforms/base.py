@@ -69,12 +69,13 @@ class _CachedBijection(Transform):
         raise NotImplementedError
 
     def _state(self) -> tuple:
-        """What a cache entry is valid for: grad mode and in-place versions of the inputs."""
-        context = self._context
-        versions = [p._version for p in self._flow._parameter_list()]
+        """What a cache entry is valid for: grad mode, the flow's settings revision and the
+        in-place versions of the parameters and context."""
+        flow, context = self._flow, self._context
+        versions = [p._version for p in flow._parameter_list()]
         if context is not None:
             versions.append(context._version)
-        return (torch.is_grad_enabled(), *versions)
+        return (torch.is_grad_enabled(), flow._revision, *versions)
 
     def _cached(self, position: int, tensor: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         last = self._last
@@ -134,6 +135,8 @@ class _CachedBijection(Transform):
 
 class Flow(_CachedBijection, TransformModule):
     """Base class of every flow family (see the module docstring for the contract)."""
+
+    _revision = 0  # a family raises it when a setting that changes the map is changed
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Flow:
         if kwargs.get("context_dim") and not issubclass(cls, ConditionalTransformModule):

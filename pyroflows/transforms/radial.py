@@ -53,7 +53,7 @@ class Radial(Flow):
 
     def _forward(self, x: Tensor, p: Params) -> tuple[Tensor, Tensor]:
         diff = x - p["center"]
-        h = 1 / (p["alpha"] + torch.linalg.vector_norm(diff, dim=-1))
+        h = torch.reciprocal(p["alpha"] + torch.linalg.vector_norm(diff, dim=-1))
         beta_h = p["beta"] * h
         return torch.addcmul(x, beta_h.unsqueeze(-1), diff), self._ladj(h, beta_h, p)
 
@@ -64,7 +64,7 @@ class Radial(Flow):
         c = alpha + beta - r_y
         root = (c * c + 4 * alpha * r_y).sqrt()
         r = torch.where(c > 0, 2 * alpha * r_y / (c + root), (root - c) / 2)
-        h = 1 / (alpha + r)
+        h = torch.reciprocal(alpha + r)
         beta_h = beta * h
         x = p["center"] + diff / (1 + beta_h).unsqueeze(-1)
         return x, -self._ladj(h, beta_h, p)

@@ -70,11 +70,10 @@ class Sylvester(Flow):
             m = dim
         self.num_columns = m
         self.reverse = bool(reverse)
+        # R and R̃ stacked: index 0 is R, index 1 is R̃
         init = {
-            "r_diag": torch.full((m,), 0.5),
-            "r_upper": torch.randn(m * (m - 1) // 2) * 0.1,
-            "rt_diag": torch.full((m,), 0.5),
-            "rt_upper": torch.randn(m * (m - 1) // 2) * 0.1,
+            "diag": torch.full((2, m), 0.5),
+            "upper": torch.randn(2, m * (m - 1) // 2) * 0.1,
             "b": torch.zeros(m),
         }
         if kind == "orthogonal":
@@ -83,23 +82,23 @@ class Sylvester(Flow):
             k = _checks.positive_int("num_householder", num_householder)
             init["v"] = torch.randn(k, dim)
         self.params = ParameterMap(init, context_dim, hidden_dims)
-        self.register_buffer("_upper", torch.triu_indices(m, m, 1), persistent=False)
+        rows, cols = torch.triu_indices(m, m, 1)
+        diag = torch.arange(m)
+        self.register_buffer("_rows", torch.cat((rows, diag)), persistent=False)
+        self.register_buffer("_cols", torch.cat((cols, diag)), persistent=False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind!r}, num_columns={self.num_columns}"
 
-    def _triangular(self, diag: Tensor, upper: Tensor) -> Tensor:
-        m = self.num_columns
-        out = diag.new_zeros((*diag.shape[:-1], m, m))
-        out[..., self._upper[0], self._upper[1]] = upper
-        return out + torch.diag_embed(torch.tanh(diag))
-
     def _params(self, context: Tensor | None) -> Params:
         p = self.params(context)
-        r = self._triangular(p["r_diag"], p["r_upper"])
-        rt = self._triangular(p["rt_diag"], p["rt_upper"])
-        diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(rt, dim1=-2, dim2=-1)
-        out = {"r": r, "rt": rt, "b": p["b"], "diag": diag}
+        diag = torch.tanh(p["diag"])
+        values = torch.cat((p["upper"], diag), dim=-1)
+        m = self.num_columns
+        triangular = values.new_zeros((*values.shape[:-1], m, m))
+        triangular[..., self._rows, self._cols] = values
+        r, rt = triangular.unbind(-3)
+        out = {"r": r, "rt": rt, "b": p["b"], "diag": diag.prod(-2)}
         if self.kind == "orthogonal":
             q, qr_r = torch.linalg.qr(p["q"])
             out["q"] = q * torch.sign(torch.diagonal(qr_r, dim1=-2, dim2=-1)).unsqueeze(-2)
@@ -108,7 +107,7 @@ class Sylvester(Flow):
             v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
             q = torch.eye(self.dim, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], -1, -1)
             for u in v.unbind(-2):  # Q = H_1 ... H_K, with Q H = Q - 2 (Q u) uᵀ
-                q = q - 2 * matvec(q, u).unsqueeze(-1) * u.unsqueeze(-2)
+                q = torch.addcmul(q, matvec(q, u).unsqueeze(-1), u.unsqueeze(-2), value=-2)
             out["q"] = q
         if "q" in out:  # the forward map in two products: R̃ Qᵀ x and Q R a
             out["into"], out["out"] = rt @ out["q"].mT, out["q"] @ r
@@ -131,7 +130,7 @@ class Sylvester(Flow):
         return v.flip(-1) if self.reverse else v
 
     def _forward(self, x: Tensor, p: Params) -> tuple[Tensor, Tensor]:
-        a = torch.tanh(matvec(p["into"], x) + p["b"])
+        a = torch.tanh(matvec(p["into"], x, p["b"]))
         y = x + matvec(p["out"], a)
         return y, torch.log1p((1 - a * a) * p["diag"]).sum(-1)
 
