@@ -101,7 +101,7 @@ def main() -> None:
         sys.exit(f"skipped: {DATA} not found (statically binarized MNIST, see shared/data/README)")
     device = common.cuda_device(args.device)
     with np.load(DATA) as f:
-        test = np.unpackbits(f["test"], axis=1)[:, :784]
+        test = np.ascontiguousarray(np.unpackbits(f["test"], axis=1)[:, :784])
     x = torch.tensor(test[: args.images], dtype=torch.float32, device=device)
     renyi_images = min(args.renyi_images, len(x))
 
