@@ -41,7 +41,7 @@ def global_posterior(x):
 def local_model(x):
     """zₙ ~ N(0, I₂), xₙ ~ N(zₙ, 0.8² I₂): one local latent per datum."""
     with pyro.plate("data", len(x)):
-        z = pyro.sample("z", dist.Normal(torch.zeros(2), PRIOR).to_event(1))
+        z = pyro.sample("z", dist.Normal(x.new_zeros(2), PRIOR).to_event(1))
         pyro.sample("x", dist.Normal(z, NOISE).to_event(1), obs=x)
 
 
@@ -293,6 +293,25 @@ def test_autoflow_and_evaluation_follow_the_model_to_cuda(data):
     result = log_marginal_likelihood(global_model, guide, x, num_samples=1000)
     assert result.log_px.device.type == "cuda"
     IWAE(num_particles=8, estimator="dreg").loss_and_grads(global_model, guide, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["iaf", "sylvester-h", "cnf"])
+def test_amortized_guide_objectives_and_evaluation_on_cuda(name, data):
+    x = data.cuda()
+    encoder = nn.Sequential(nn.Linear(2, 8), nn.Tanh())
+    options = {"hidden_dims": (8,), "trace": "hutchinson"} if name == "cnf" else {}
+    guide = AmortizedFlowGuide(encoder, 2, 8, flow=name, **options).cuda()
+    for loss in (
+        IWAE(num_particles=8, estimator="dreg", chunk_size=3),
+        ELBO(num_particles=4, estimator="stl", free_bits=0.1),
+    ):
+        guide.zero_grad()
+        assert math.isfinite(loss.loss_and_grads(local_model, guide, x))
+        assert all(p.grad.device.type == "cuda" for p in guide.parameters())
+    result = log_marginal_likelihood(local_model, guide, x, num_samples=64, chunk_size=16)
+    assert result.log_px.device.type == "cuda" and result.log_px.shape == (10,)
 
 
 def test_kl_warmup_scales_the_kl_linearly_and_matches_the_analytic_kl(data):
