@@ -1,9 +1,11 @@
-"""Forward + log-det and backward time per batch: pyroflows vs Pyro's equivalent transform.
+"""Forward + log-det, back-propagation and inverse time per batch: pyroflows vs Pyro.
 
     python benchmarks/transforms.py [--device cuda] [--dims 16 64] [--batch 1024]
 
 Prints a table and writes benchmarks/results/transforms.json (device, versions, figures).
-A ratio below 1 means pyroflows is faster.
+A ratio below 1 means pyroflows is faster. The inverse (with its log-det) of points the flow
+did not produce is timed for both where Pyro has one (IAF); Pyro's planar, radial and
+Sylvester cannot invert such points, so only pyroflows' numerical inverse is timed there.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def pairs(dim: int) -> dict[str, tuple[Callable, Callable]]:
     }
 
 
-def workloads(make: Callable, dim: int, batch: int, device: torch.device) -> dict[str, Callable]:
+def workloads(
+    make: Callable, dim: int, batch: int, device: torch.device, invertible: bool
+) -> dict[str, Callable | None]:
     torch.manual_seed(0)
     t = make().to(device)
     x0 = torch.randn(batch, dim, device=device)
@@ -53,18 +57,30 @@ def workloads(make: Callable, dim: int, batch: int, device: torch.device) -> dic
         y, ladj = forward()
         (y.square().sum() + ladj.sum()).backward()
 
-    return {"forward_ms": forward, "forward_backward_ms": forward_backward}
+    def inverse():
+        with torch.no_grad():
+            y = x0.clone()  # a point the flow did not produce
+            x = t.inv(y)
+            return x, t.log_abs_det_jacobian(x, y)
+
+    return {
+        "forward_ms": forward,
+        "forward_backward_ms": forward_backward,
+        "inverse_ms": inverse if invertible else None,
+    }
 
 
 def compare(ours: dict, theirs: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
     """Median milliseconds of each workload, the two implementations timed alternately."""
     times: dict = {(who, k): [] for who in ("ours", "theirs") for k in ours}
     for key in ours:
-        for fn in (ours[key], theirs[key]):
+        contenders = [(who, fn[key]) for who, fn in (("ours", ours), ("theirs", theirs))]
+        contenders = [(who, fn) for who, fn in contenders if fn is not None]
+        for _, fn in contenders:
             for _ in range(5):
                 fn()
         for _ in range(repeats):
-            for who, fn in (("ours", ours[key]), ("theirs", theirs[key])):
+            for who, fn in contenders:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -73,7 +89,7 @@ def compare(ours: dict, theirs: dict, device: torch.device, repeats: int) -> tup
                     torch.cuda.synchronize()
                 times[who, key].append(1e3 * (time.perf_counter() - start))
     a = {k: statistics.median(times["ours", k]) for k in ours}
-    b = {k: statistics.median(times["theirs", k]) for k in ours}
+    b = {k: statistics.median(times["theirs", k]) if times["theirs", k] else None for k in ours}
     return a, b
 
 
@@ -86,33 +102,38 @@ def main() -> None:
     args = parser.parse_args()
     device = common.cuda_device(args.device)
     rows = []
-    columns = ("ours fwd", "pyro fwd", "ratio", "ours f+b", "pyro f+b", "ratio")
-    widths = (11, 11, 7, 11, 11, 7)
+    columns = ("ours fwd", "pyro fwd", "ratio", "ours f+b", "pyro f+b", "ratio", "ours inv")
+    columns += ("pyro inv", "ratio")
+    widths = (11, 11, 7, 11, 11, 7, 11, 11, 7)
     cells = (f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
     print(f"{'family':24}{'dim':>5}" + "".join(cells))
     for dim in args.dims:
         for family, (ours, theirs) in pairs(dim).items():
             a, b = compare(
-                workloads(ours, dim, args.batch, device),
-                workloads(theirs, dim, args.batch, device),
+                workloads(ours, dim, args.batch, device, invertible=True),
+                workloads(theirs, dim, args.batch, device, invertible=family == "iaf"),
                 device,
                 args.repeats,
             )
-            row = {
-                "family": family,
-                "dim": dim,
-                "batch": args.batch,
-                "pyroflows": a,
-                "pyro": b,
-                "forward_ratio": a["forward_ms"] / b["forward_ms"],
-                "forward_backward_ratio": a["forward_backward_ms"] / b["forward_backward_ms"],
-            }
-            rows.append(row)
-            print(
-                f"{family:24}{dim:5d}{a['forward_ms']:9.3f}ms{b['forward_ms']:9.3f}ms"
-                f"{row['forward_ratio']:7.2f}{a['forward_backward_ms']:9.3f}ms"
-                f"{b['forward_backward_ms']:9.3f}ms{row['forward_backward_ratio']:7.2f}"
+            ratios = {k: a[k] / b[k] if b[k] else None for k in a}
+            rows.append(
+                {
+                    "family": family,
+                    "dim": dim,
+                    "batch": args.batch,
+                    "pyroflows": a,
+                    "pyro": b,
+                    "forward_ratio": ratios["forward_ms"],
+                    "forward_backward_ratio": ratios["forward_backward_ms"],
+                    "inverse_ratio": ratios["inverse_ms"],
+                }
             )
+            line = f"{family:24}{dim:5d}"
+            for key in a:
+                theirs_text = "-" if b[key] is None else f"{b[key]:9.3f}ms"
+                ratio_text = "-" if ratios[key] is None else f"{ratios[key]:.2f}"
+                line += f"{a[key]:9.3f}ms{theirs_text:>11}{ratio_text:>7}"
+            print(line)
     common.write("transforms", device, {"rows": rows}, pyro=pyro.__version__)
 
 
