@@ -104,6 +104,9 @@ FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
         learn_time=True,
         **ODE_TOL,
     ),
+    "cnf-checkpoint-max-norm": partial(
+        Continuous, DIM, hidden_dims=(8,), checkpoint=True, norm="max", **ODE_TOL
+    ),
 }
 
 RECIPE_OPTIONS = {

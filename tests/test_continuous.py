@@ -86,20 +86,45 @@ def test_max_norm_is_stricter_than_rms():
     assert errors["max"] < errors["rms"]
 
 
+def _gradients(mode: str, trace: str, reverse: bool = False, **options) -> list[torch.Tensor]:
+    """Gradients of a loss on y, log|det| and the kinetic regulariser with respect to the
+    input, the context and every parameter, back-propagated in the given mode."""
+    flow = make(
+        adjoint=mode == "adjoint",
+        checkpoint=mode == "checkpoint",
+        learn_time=True,
+        context_dim=2,
+        trace=trace,
+        regularize=True,
+        **options,
+    )
+    torch.manual_seed(1)  # the same data, context and Hutchinson probe for every mode
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    context = torch.randn(4, 2, dtype=f64, requires_grad=True)
+    t = flow.condition(context)
+    y, ladj = t.inverse_and_ladj(x) if reverse else t.call_and_ladj(x)
+    (y.square().sum() + ladj.sum() + flow.regularization["kinetic"].sum()).backward()
+    assert (flow.nfe_backward > 0) == (mode != "direct")
+    return [x.grad, context.grad] + [p.grad for p in flow.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint"])
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
-def test_adjoint_gradients_match_direct_backpropagation(trace):
-    grads = []
-    for adjoint in (False, True):
-        flow = make(adjoint=adjoint, learn_time=True, context_dim=2, trace=trace)
-        torch.manual_seed(1)  # the same data, context and Hutchinson probe for both
-        x = torch.randn(4, 3, dtype=f64, requires_grad=True)
-        context = torch.randn(4, 2, dtype=f64, requires_grad=True)
-        y, ladj = flow.condition(context).call_and_ladj(x)
-        (y.square().sum() + ladj.sum()).backward()
-        grads.append([x.grad, context.grad] + [p.grad for p in flow.parameters()])
-        assert (flow.nfe_backward > 0) == adjoint
-    for direct, adjoint in zip(*grads, strict=True):
-        torch.testing.assert_close(adjoint, direct, atol=1e-5, rtol=1e-4)  # solver tolerance
+def test_memory_saving_gradients_match_direct_backpropagation(mode, trace):
+    """Adaptive steps: equal to solver tolerance (direct back-propagation also differentiates
+    the step-size choices, which the adjoint and the replayed steps hold fixed)."""
+    for direct, other in zip(_gradients("direct", trace), _gradients(mode, trace), strict=True):
+        torch.testing.assert_close(other, direct, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_checkpointed_gradients_equal_direct_ones_for_fixed_steps(trace, reverse):
+    """With fixed steps the replayed steps are the direct computation: equal to rounding."""
+    direct = _gradients("direct", trace, reverse, method="rk4", num_steps=7)
+    replayed = _gradients("checkpoint", trace, reverse, method="rk4", num_steps=7)
+    for a, b in zip(direct, replayed, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
 
 
 def test_rsample_then_log_prob_solves_once():
@@ -181,6 +206,7 @@ def test_step_budget_raises_instead_of_hanging():
         ({"max_num_steps": 0}, "max_num_steps must be a positive integer"),
         ({"trace_scale": 0.0}, "trace_scale must be a positive finite number"),
         ({"norm": "l1"}, "norm must be one of 'rms', 'max'"),
+        ({"adjoint": True, "checkpoint": True}, "adjoint and checkpoint are alternatives"),
     ],
 )
 def test_bad_options(options, message):

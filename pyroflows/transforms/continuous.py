@@ -15,6 +15,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from .. import _checks
 from ..nn import mlp
+from ._checkpoint import odeint_checkpointed
 from .base import Flow
 
 TRACES = ("exact", "hutchinson")
@@ -35,6 +36,7 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "max_num_steps": _checks.positive_int,
     "num_steps": _checks.positive_int,
     "adjoint": lambda _, value: bool(value),
+    "checkpoint": lambda _, value: bool(value),
     "regularize": lambda _, value: bool(value),
 }
 
@@ -105,8 +107,8 @@ class _Solve:
         scale: float,
     ) -> None:
         self.dynamics, self.context = dynamics, context
-        # the context's term once per solve; the adjoint needs it inside the function, since
-        # its gradients are taken of the function alone
+        # the context's term once per solve; the adjoint and the replayed steps need it inside
+        # the function, since their gradients are taken of the function alone
         self.context_term = dynamics.context_term(context) if precompute else None
         self.trace, self.probe = trace, probe
         self.regularize, self.scale = regularize, scale
@@ -167,9 +169,13 @@ class Continuous(Flow):
     r"""``y = z(T)`` for ``dz/dt = f(z, t, c)``, ``z(0) = x``;
     ``log|det dy/dx| = ∫₀ᵀ tr(∂f/∂z) dt``.
 
-    The state and its log-determinant are integrated together by :mod:`torchdiffeq`
-    (``odeint``, or ``odeint_adjoint`` with ``adjoint=True``); the inverse integrates backward
-    in time. The trace is ``trace="exact"`` (one vector-Jacobian product per dimension) or
+    The state and its log-determinant are integrated together by :mod:`torchdiffeq`; the
+    inverse integrates backward in time. Gradients: back-propagation through the solver
+    (default: fastest, memory grows with the steps), ``adjoint=True`` (``odeint_adjoint``:
+    memory constant in the steps, a second adaptive solve backward) or ``checkpoint=True``
+    (each accepted step replayed with gradients during the backward pass: one state per step
+    in memory, about 1.4x the default's time, the default's gradient with step sizes held
+    fixed). The trace is ``trace="exact"`` (one vector-Jacobian product per dimension) or
     ``"hutchinson"`` (``E[εᵀ ∂f/∂z ε]`` with one Rademacher or Gaussian probe ``ε`` held fixed
     within a solve, FFJORD's unbiased estimate). Set ``flow.trace = "exact"`` to evaluate
     exactly after training with Hutchinson: the solver settings are plain attributes, checked
@@ -186,8 +192,8 @@ class Continuous(Flow):
     element (``norm="max"``, every sample within tolerance, as zuko does); fixed-step
     ``rk4``, ``midpoint``, ``euler`` with ``num_steps`` steps), end time ``time`` (learnable
     with ``learn_time=True``). ``nfe_forward`` and ``nfe_backward`` give the number of
-    function evaluations of the last solve and of the backward pass through it (adjoint only;
-    direct back-propagation evaluates no function).
+    function evaluations of the last solve and of the backward pass through it (the adjoint's
+    backward solve or the replayed steps; direct back-propagation evaluates no function).
 
     ``regularize=True`` also integrates RNODE's regularisers (Finlay et al., 2020), the kinetic
     energy ``∫|f|² dt`` and the Jacobian Frobenius norm ``∫|∂f/∂z|²_F dt`` (exact, or its
@@ -225,6 +231,7 @@ class Continuous(Flow):
         time: float = 1.0,
         learn_time: bool = False,
         adjoint: bool = False,
+        checkpoint: bool = False,
         regularize: bool = False,
         trace_scale: float = 1.0,
         norm: str = "rms",
@@ -235,7 +242,8 @@ class Continuous(Flow):
         self.trace, self.probe, self.method = trace, probe, method
         self.rtol, self.atol, self.trace_scale, self.norm = rtol, atol, trace_scale, norm
         self.max_num_steps, self.num_steps = max_num_steps, num_steps
-        self.adjoint, self.regularize = adjoint, regularize
+        self.adjoint, self.checkpoint, self.regularize = adjoint, checkpoint, regularize
+        self._gradient_mode()
         self.regularization: dict[str, Tensor] = {}
         self._solve: _Solve | None = None
 
@@ -253,7 +261,8 @@ class Continuous(Flow):
 
     @property
     def nfe_backward(self) -> int:
-        """Function evaluations since the last solve ended: the adjoint's backward solve."""
+        """Function evaluations since the last solve ended: the adjoint's backward solve or the
+        replayed steps."""
         return 0 if self._solve is None else self._solve.calls - self._solve.calls_in_solve
 
     def __getstate__(self) -> dict:
@@ -264,10 +273,17 @@ class Continuous(Flow):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, trace={self.trace!r}, method={self.method!r}, "
-            f"rtol={self.rtol}, atol={self.atol}, adjoint={self.adjoint}"
+            f"rtol={self.rtol}, atol={self.atol}, adjoint={self.adjoint}, "
+            f"checkpoint={self.checkpoint}"
         )
 
+    def _gradient_mode(self) -> str:
+        if self.adjoint and self.checkpoint:
+            raise ValueError("adjoint and checkpoint are alternatives: set at most one to True")
+        return "adjoint" if self.adjoint else "checkpoint" if self.checkpoint else "direct"
+
     def _integrate(self, z: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        mode = self._gradient_mode()
         batch = z.shape[:-1]
         if context is not None:
             batch = torch.broadcast_shapes(batch, context.shape[:-1])
@@ -280,7 +296,7 @@ class Continuous(Flow):
         solve = _Solve(
             self.dynamics,
             context,
-            not self.adjoint,
+            mode == "direct",
             self.trace,
             probe,
             self.regularize,
@@ -296,11 +312,11 @@ class Continuous(Flow):
         else:
             options = {"step_size": 1.0 / self.num_steps}
         kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method, "options": options}
+        params = tuple(p for p in self.dynamics.parameters() if p.requires_grad)
+        if context is not None and context.requires_grad:
+            params += (context,)
         try:
-            if self.adjoint:
-                params = tuple(p for p in self.dynamics.parameters() if p.requires_grad)
-                if context is not None and context.requires_grad:
-                    params += (context,)
+            if mode == "adjoint":
                 # error control of the backward solve on the state and its adjoint only, not on
                 # the parameter gradients (the "seminorm" of Kidger et al., 2021)
                 out = odeint_adjoint(
@@ -311,8 +327,12 @@ class Continuous(Flow):
                     adjoint_options={**options, "norm": "seminorm"},
                     **kwargs,
                 )
+                final = [s[-1] for s in out]
+            elif mode == "checkpoint":
+                adaptive = self.method in ADAPTIVE_METHODS
+                final = odeint_checkpointed(solve, state, grid, params, adaptive=adaptive, **kwargs)
             else:
-                out = odeint(solve, state, grid, **kwargs)
+                final = [s[-1] for s in odeint(solve, state, grid, **kwargs)]
         except AssertionError as error:  # torchdiffeq's step budget and step-size underflow
             raise RuntimeError(
                 f"ODE solve failed: {error}. The dynamics are too stiff for rtol={self.rtol}, "
@@ -321,7 +341,7 @@ class Continuous(Flow):
             ) from error
         solve.calls_in_solve = solve.calls
         self._solve = solve
-        final = [out[0][-1], *(s[-1] / self.trace_scale for s in out[1:])]
+        final = [final[0], *(s / self.trace_scale for s in final[1:])]
         if self.regularize:
             sign = -1.0 if reverse else 1.0
             self.regularization = {"kinetic": sign * final[2], "jacobian": sign * final[3]}
