@@ -1,6 +1,7 @@
 """Gradients of an ODE solve by replaying its accepted steps (the adaptive checkpoint adjoint
 of Zhuang et al., 2020, as zuko's CNF does): memory of one state per step plus one step's
-graph, and the same gradient as back-propagating through the whole solve."""
+graph, and the gradient of back-propagating through the whole solve with its step sizes held
+fixed (exactly that gradient for fixed-step methods)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,10 @@ class _Checkpointed(torch.autograd.Function):
             # the last step may pass the end; the solution there is its interpolant
             end = ctx.grid[-1].to(t0) if i == len(ctx.steps) - 1 else t0 + sign * dt
             y = tuple(v.detach().requires_grad_() for v in y0)
+            wrt = (*y, *inputs)
             with torch.enable_grad():
                 y1 = _replay(ctx, y, torch.stack([t0, end]), dt)
-                step = torch.autograd.grad(y1, (*y, *inputs), adjoint, allow_unused=True)
-            wrt = (*y, *inputs)
+                step = torch.autograd.grad(y1, wrt, adjoint, allow_unused=True)
             step = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, step, strict=True)]
             adjoint = step[: ctx.n]
             for total, g in zip(totals, step[ctx.n :], strict=True):

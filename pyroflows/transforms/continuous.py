@@ -312,9 +312,11 @@ class Continuous(Flow):
         else:
             options = {"step_size": 1.0 / self.num_steps}
         kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method, "options": options}
-        params = tuple(p for p in self.dynamics.parameters() if p.requires_grad)
-        if context is not None and context.requires_grad:
-            params += (context,)
+        params = ()  # what the adjoint and the replayed steps return gradients for
+        if mode != "direct":
+            params = tuple(p for p in self.dynamics.parameters() if p.requires_grad)
+            if context is not None and context.requires_grad:
+                params += (context,)
         try:
             if mode == "adjoint":
                 # error control of the backward solve on the state and its adjoint only, not on
