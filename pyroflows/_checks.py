@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -55,3 +56,17 @@ def event(name: str, value: object, size: int) -> Tensor:
     if value.dim() == 0 or value.shape[-1] != size:
         raise ValueError(f"{name} must have shape (..., {size}), got {tuple(value.shape)}")
     return value
+
+
+def device(name: str, value: object) -> torch.device:
+    """A torch device that exists here: asking for CUDA without it is an error, never a
+    silent fall back to the CPU."""
+    try:
+        dev = torch.device(value)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{name} must be a torch device such as 'cpu' or 'cuda', got {value!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} is {value!r} but CUDA is not available on this machine")
+    return dev

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -23,6 +23,15 @@ from .flows import RECIPES, build
 def _recipe(flow: str, num_layers: int) -> None:
     _checks.one_of("flow", flow, RECIPES)
     _checks.positive_int("num_layers", num_layers)
+
+
+def _autoguide_options(flow: str, dim: int, options: dict[str, Any]) -> dict[str, Any]:
+    """AutoFlow's defaults where they differ from the layers': an autoregressive network of
+    Pyro's width (one hidden layer of ``3 dim + 1`` units, as in ``AutoIAFNormal``), which
+    calibrated better than a wider one at the same budget (docs/inference.md)."""
+    if flow in ("iaf", "maf") and "hidden_dims" not in options:
+        options = {**options, "hidden_dims": (3 * dim + 1,)}
+    return options
 
 
 class AutoFlow(AutoContinuous):
@@ -52,18 +61,13 @@ class AutoFlow(AutoContinuous):
         num_layers: int = 2,
         *,
         init_loc_fn: Callable = init_to_median,
-        init_scale: float = 0.1,
+        init_scale: float = 1.0,
         **flow_options: Any,
     ) -> None:
         _recipe(flow, num_layers)
-        if (
-            isinstance(init_scale, bool)
-            or not isinstance(init_scale, int | float)
-            or init_scale <= 0
-        ):
-            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
         self._flow_args = (flow, num_layers, flow_options)
-        self._init_scale = float(init_scale)
+        self._init_scale = _checks.positive_number("init_scale", init_scale)
+        self._pending_state: tuple[dict, bool] | None = None
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -73,17 +77,51 @@ class AutoFlow(AutoContinuous):
         self.scale = PyroParam(
             self.loc.new_full((self.latent_dim,), self._init_scale), self.scale_constraint
         )
+        options = _autoguide_options(name, self.latent_dim, options)
         self.flow = build(name, self.latent_dim, num_layers, **options).to(self.loc)
+        if self._pending_state is not None:
+            state, strict = self._pending_state
+            self._pending_state = None
+            super().load_state_dict(state, strict=strict)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, **kw: Any):
+        """Load parameters; before the guide's first call (when its shapes are not known yet)
+        they are kept and loaded as soon as the first call has built the flow."""
+        if self.prototype_trace is None:
+            self._pending_state = (dict(state_dict), strict)
+            return nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, **kw)
 
     def get_base_dist(self) -> dist.Distribution:
         return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
 
     def get_transform(self, *args: Any, **kwargs: Any) -> dist.transforms.Transform:
-        place = dist.transforms.AffineTransform(self.loc, self.scale, event_dim=1)
-        return dist.transforms.ComposeTransform([self.flow, place])
+        """The flow's layers then ``loc + scale ⊙ ·``, as one flat list.
+
+        The placement caches its last pair, so scoring a sample just drawn reaches each
+        flow layer's cache: no inverse runs (an IAF's would take ``latent_dim`` passes).
+        """
+        return dist.transforms.ComposeTransform(self._layers())
+
+    def _layers(self) -> list[dist.transforms.Transform]:
+        place = dist.transforms.AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
+        return [*self.flow, place]
+
+    def sample_latent(self, *args: Any, **kwargs: Any) -> Tensor:
+        latent = super().sample_latent(*args, **kwargs)
+        if not bool(torch.isfinite(latent).all()):
+            raise RuntimeError(
+                "AutoFlow drew a non-finite latent: the flow's parameters have diverged "
+                f"(loc finite: {bool(torch.isfinite(self.loc).all())}, scale finite: "
+                f"{bool(torch.isfinite(self.scale).all())}); lower the learning rate or "
+                "clip gradients (pyro.optim.ClippedAdam)"
+            )
+        return latent
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
-        return dist.TransformedDistribution(self.get_base_dist(), self.get_transform())
+        # a flat list: a nested ComposeTransform makes TransformedDistribution re-check
+        # supports and shapes once per layer and per level
+        return dist.TransformedDistribution(self.get_base_dist(), self._layers())
 
     @torch.no_grad()
     def quantiles(
@@ -113,9 +151,13 @@ class AmortizedFlowGuide(nn.Module):
     ``encoder(x)`` returns a context ``h`` of size ``context_dim``; linear heads give the base
     ``N(μ(h), σ(h))`` and the flow ``pyroflows.build(flow, latent_dim, num_layers,
     context_dim, **flow_options)`` is conditioned on ``h`` (the IAF, Sylvester and FFJORD VAEs'
-    construction). The latent site ``site`` is sampled inside ``pyro.plate(plate, len(x))``,
-    which must match the model's data plate. Call it as ``guide(x)`` (extra arguments, which
-    the model may take, are ignored).
+    construction). ``x`` has shape ``(batch, *features)``. The latent site ``site`` is sampled
+    inside ``pyro.plate(plate, len(x))``, which must match the model's data plate. Where the
+    model subsamples (``pyro.plate("data", N, subsample=idx)``), pass ``create_plates``, a
+    function of the guide's arguments that returns the same plate, as for Pyro's autoguides:
+    ``create_plates=lambda x, idx: pyro.plate("data", N, subsample=idx)``; the objectives
+    refuse a model and guide whose plates disagree. Call it as ``guide(x, ...)``: further
+    arguments go to ``create_plates`` and are otherwise ignored.
 
     >>> encoder = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
     >>> guide = AmortizedFlowGuide(encoder, latent_dim=2, context_dim=16, flow="planar")
@@ -133,6 +175,7 @@ class AmortizedFlowGuide(nn.Module):
         *,
         site: str = "z",
         plate: str = "data",
+        create_plates: Callable[..., pyro.plate] | None = None,
         **flow_options: Any,
     ) -> None:
         super().__init__()
@@ -143,7 +186,7 @@ class AmortizedFlowGuide(nn.Module):
         self.loc = nn.Linear(context_dim, latent_dim)
         self.scale = nn.Linear(context_dim, latent_dim)
         self.flow = build(flow, latent_dim, num_layers, context_dim=context_dim, **flow_options)
-        self.site, self.plate = site, plate
+        self.site, self.plate, self.create_plates = site, plate, create_plates
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """``q(z | x)`` with batch shape ``x.shape[:-1]``."""
@@ -157,6 +200,21 @@ class AmortizedFlowGuide(nn.Module):
         return dist.TransformedDistribution(base, [self.flow.condition(h)])
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"x must be a batch of shape (batch, *features), got {shape}; "
+                "for one data point use x.unsqueeze(0)"
+            )
         pyro.module("amortized_flow_guide", self)
-        with pyro.plate(self.plate, x.shape[0]):
+        if self.create_plates is None:
+            plate = pyro.plate(self.plate, x.shape[0])
+        else:
+            plate = self.create_plates(x, *args, **kwargs)
+            if not isinstance(plate, pyro.plate) or plate.name != self.plate:
+                raise ValueError(
+                    f"create_plates must return the pyro.plate named {self.plate!r} (plate), "
+                    f"got {plate!r}"
+                )
+        with plate:
             return pyro.sample(self.site, self.posterior(x))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pyroflows.cli import main
@@ -39,3 +40,40 @@ def test_cli_demo_prints_and_plots(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "log Z (exact)" in out and plot.stat().st_size > 0
+
+
+def test_cli_refuses_bad_values_before_training(tmp_path, capsys):
+    for argv, message in [
+        (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["--steps", "-5"], "argument --steps: expected a positive integer, got -5"),
+        (["--layers", "0"], "argument --layers: expected a positive integer, got 0"),
+        (["--plot", str(tmp_path / "missing" / "p.png")], "argument --plot: folder"),
+        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "device"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["demo", *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_cli_names_the_file_it_writes_and_has_a_version(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--flow", "planar", "--layers", "1", "--steps", "5", "--plot", "out"]) == 0
+    assert "plot            out.png" in capsys.readouterr().out
+    assert (tmp_path / "out.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and "pyroflows" in capsys.readouterr().out
+
+
+def test_recipes_have_their_own_demo_defaults():
+    from pyroflows.cli import DEMO_DEFAULTS, parser
+
+    assert DEMO_DEFAULTS["cnf"] == (1, 500)  # six CNF layers for 1500 steps took 50 minutes
+    demo = parser()._subparsers._group_actions[0].choices["demo"]
+    assert all(action.help for action in demo._actions)
+
+
+def test_tests_run_on_one_thread():
+    assert torch.get_num_threads() == 1

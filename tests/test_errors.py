@@ -70,8 +70,6 @@ def test_other_family_options():
         Autoregressive(3, direction="forward")
     with pytest.raises(ValueError, match=r"permutation must be a permutation of range\(3\)"):
         Autoregressive(3, permutation=torch.tensor([0, 0, 1]))
-    with pytest.raises(ValueError, match="dim must be at least 2 for a coupling layer"):
-        Coupling(1)
     with pytest.raises(ValueError, match="parity must be 0 or 1"):
         Coupling(3, parity=2)
     with pytest.raises(ValueError, match="kind must be one of 'affine', 'additive'"):

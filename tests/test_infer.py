@@ -33,11 +33,6 @@ def global_evidence(x):
     return dist.MultivariateNormal(torch.zeros(n), cov).log_prob(x.T.cpu()).sum().item()
 
 
-def global_posterior(x):
-    precision = 1 / PRIOR**2 + len(x) / NOISE**2
-    return x.sum(0) / NOISE**2 / precision, precision**-0.5
-
-
 def local_model(x):
     """zₙ ~ N(0, I₂), xₙ ~ N(zₙ, 0.8² I₂): one local latent per datum."""
     with pyro.plate("data", len(x)):
@@ -69,26 +64,83 @@ def fit(guide, model, x, steps, lr=1e-2, loss=None):
     return guide
 
 
+MIXING = torch.tensor([[1.0, 1.0], [1.0, 1.2], [1.2, 1.0]])
+
+
+def correlated_model(x):
+    """z ~ N(0, I₂), x ~ N(A z, 0.5² I₃): the data pin down z₁ + z₂ far better than z₁ - z₂,
+    so the posterior is a Gaussian with correlation -0.97 that a diagonal placement alone
+    cannot reach."""
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("x", dist.Normal(z @ MIXING.T, 0.5).to_event(1), obs=x)
+
+
+def correlated_evidence(x):
+    cov = MIXING @ MIXING.T + 0.25 * torch.eye(3)
+    return dist.MultivariateNormal(torch.zeros(3), cov).log_prob(x).item()
+
+
 SETTINGS = {  # recipe: (steps, options)
-    "radial": (1500, {"hidden_dims": (16,)}),
     "cnf": (500, {"hidden_dims": (8,), "rtol": 1e-3, "atol": 1e-3, "num_layers": 1}),
 }
+# tanh-based layers reach a linear shear only approximately with two layers, and radial
+# layers (spherically symmetric about a centre) hardly at all: measured gaps 0.02-0.05 and 0.6
+GAPS = {"sylvester-o": 0.08, "sylvester-h": 0.08, "sylvester-t": 0.08, "radial": 1.0}
+
+
+def fit_with_schedule(guide, model, x, steps, objective):
+    pyro.set_rng_seed(0)
+    schedule = pyro.optim.ClippedAdam({"lr": 3e-2, "lrd": 0.03 ** (1 / steps)})
+    svi = SVI(model, guide, schedule, objective)
+    for _ in range(steps):
+        svi.step(x)
+    with torch.no_grad():
+        return -ELBO(num_particles=20000).loss(model, guide, x)
 
 
 @pytest.mark.parametrize("name", list(pf.flows.RECIPES))
-def test_autoflow_elbo_reaches_the_evidence(name, data):
-    pyro.set_rng_seed(0)
+def test_autoflow_elbo_reaches_the_evidence_of_a_correlated_posterior(name):
+    torch.manual_seed(1)
+    x = MIXING @ torch.tensor([0.5, -0.3]) + 0.5 * torch.randn(3)
     steps, options = SETTINGS.get(name, (1000, {"hidden_dims": (16,)}))
-    guide = AutoFlow(global_model, flow=name, **options)
-    schedule = pyro.optim.ClippedAdam({"lr": 3e-2, "lrd": 0.03 ** (1 / steps)})
-    svi = SVI(global_model, guide, schedule, ELBO(num_particles=16, estimator="stl"))
-    for _ in range(steps):
-        svi.step(data)
-    with torch.no_grad():
-        elbo = -ELBO(num_particles=20000).loss(global_model, guide, data)
-    exact = global_evidence(data)
+    if name in ("planar", "radial", "sylvester-o", "sylvester-h", "sylvester-t"):
+        options = {}
+    guide = AutoFlow(correlated_model, flow=name, **options)
+    elbo = fit_with_schedule(guide, correlated_model, x, steps, ELBO(16, estimator="stl"))
+    exact = correlated_evidence(x)
     assert elbo <= exact + 0.01
-    assert exact - elbo < 0.02, f"{name}: gap {exact - elbo:.4f}"
+    assert exact - elbo < GAPS.get(name, 0.02), f"{name}: gap {exact - elbo:.4f}"
+
+
+def banana_model(y):
+    """A curved posterior: z ~ N(0, I₂), y ~ N(z₁² + z₂, 0.4²), observed y = 1.5."""
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(z[..., 0] ** 2 + z[..., 1], 0.4), obs=y)
+
+
+def test_a_flow_beats_a_full_gaussian_on_a_curved_posterior():
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    y = torch.tensor(1.5)
+    grid = torch.linspace(-8, 8, 1601, dtype=torch.float64)
+    z1, z2 = torch.meshgrid(grid, grid, indexing="ij")
+    log_joint = (
+        dist.Normal(0.0, 1.0).log_prob(z1)
+        + dist.Normal(0.0, 1.0).log_prob(z2)
+        + dist.Normal(z1**2 + z2, 0.4).log_prob(y.double())
+    )
+    exact = (torch.logsumexp(log_joint.flatten(), 0) + 2 * math.log(16 / 1600)).item()
+    gaussian = fit_with_schedule(
+        AutoMultivariateNormal(banana_model), banana_model, y, 1000,
+        Trace_ELBO(num_particles=16, vectorize_particles=True),
+    )  # fmt: skip
+    flow = fit_with_schedule(
+        AutoFlow(banana_model, flow="iaf", num_layers=4, hidden_dims=(16,)),
+        banana_model, y, 1000, ELBO(16, estimator="stl"),
+    )  # fmt: skip
+    # measured: gaps 0.79 (full Gaussian) and 0.03 (IAF)
+    assert exact - gaussian > 0.6
+    assert exact - flow < 0.08
 
 
 def test_iwae_is_above_the_elbo_and_grows_with_k(data):
@@ -156,54 +208,6 @@ def test_per_datum_iwae_against_renyi_with_and_without_subsampling(data):
     assert abs(scaled - theirs) > 1.0
 
 
-def _guide_grads(loss, model, guide, x, reps):
-    params = None
-    grads = []
-    for _ in range(reps):
-        for p in guide.parameters():
-            p.grad = None
-        loss.loss_and_grads(model, guide, x)
-        params = [p for p in guide.flow.parameters()]
-        grads.append(torch.cat([p.grad.flatten() for p in params]))
-    return torch.stack(grads)
-
-
-def test_dreg_matches_iwae_in_expectation_with_lower_variance(data):
-    pyro.set_rng_seed(0)
-    guide = fit(AutoFlow(global_model, flow="planar"), global_model, data, steps=200)
-    standard = _guide_grads(IWAE(num_particles=32), global_model, guide, data, 300)
-    dreg = _guide_grads(IWAE(num_particles=32, estimator="dreg"), global_model, guide, data, 300)
-    se = torch.sqrt((standard.var(0) + dreg.var(0)) / 300)
-    assert ((standard.mean(0) - dreg.mean(0)).abs() < 4 * se + 1e-3).all()
-    ratio = (dreg.var(0).sum() / standard.var(0).sum()).item()
-    assert ratio < 0.5, f"DReG / IWAE gradient variance {ratio:.3f}"
-
-
-def test_stl_variance_vanishes_at_the_exact_posterior(data):
-    pyro.set_rng_seed(0)
-    from pyro.infer.autoguide import init_to_mean
-
-    guide = AutoFlow(global_model, flow="realnvp", init_loc_fn=init_to_mean)  # identity flow
-    guide(data)
-    loc, scale = global_posterior(data)
-    with torch.no_grad():
-        guide.loc.copy_(loc)
-    guide.scale = torch.full((2,), scale)
-    stl = _scale_grads(ELBO(num_particles=8, estimator="stl"), guide, data)
-    standard = _scale_grads(ELBO(num_particles=8), guide, data)
-    assert stl.var(0).max() < 1e-8
-    assert standard.var(0).max() > 1e-3
-
-
-def _scale_grads(loss, guide, x):
-    grads = []
-    for _ in range(50):
-        guide.zero_grad()
-        loss.loss_and_grads(global_model, guide, x)
-        grads.append(guide.loc.grad.clone())
-    return torch.stack(grads)
-
-
 def test_autoflow_with_predictive_constrained_sites_plates_and_quantiles():
     def model(x):
         rate = pyro.sample("rate", dist.Gamma(2.0, 2.0))
@@ -244,7 +248,7 @@ def test_amortized_guide_with_iwae_dreg_trains(data):
         (lambda: ELBO(estimator="dreg"), "estimator must be one of 'standard', 'stl'"),
         (lambda: IWAE(estimator="stl"), "estimator must be one of 'standard', 'dreg'"),
         (lambda: AutoFlow(global_model, flow="spline"), "flow must be one of 'iaf'"),
-        (lambda: AutoFlow(global_model, init_scale=0.0), "init_scale must be a positive number"),
+        (lambda: AutoFlow(global_model, init_scale=0.0), "init_scale must be a positive finite"),
         (lambda: AmortizedFlowGuide(nn.Identity(), 2, 0), "context_dim must be a positive integer"),
     ],
 )
@@ -360,6 +364,7 @@ def test_free_bits_hold_the_kl_at_lambda(data):
         elbo.kl_weight = float("inf")
 
 
+@pytest.mark.filterwarnings("ignore:log_marginal_likelihood: importance ESS")  # 16 samples
 @pytest.mark.parametrize(
     "name", ["planar", "iaf", "sylvester-o", "sylvester-h", "sylvester-t", "cnf"]
 )

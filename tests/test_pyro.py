@@ -113,3 +113,27 @@ def test_cache_is_not_reused_after_a_parameter_update_or_across_grad_modes():
     with torch.no_grad():
         y = flow(data)
     assert flow(data).requires_grad and not y.requires_grad
+
+
+@pytest.mark.parametrize("name", ["planar", "iaf", "realnvp"])
+def test_cache_follows_parameters_swapped_in_by_torch_func(name):
+    torch.manual_seed(0)
+    flow = pf.build(name, 2, num_layers=1).double()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    params = dict(flow.named_parameters())
+    other = {k: v.detach() + 0.3 * torch.randn_like(v) for k, v in params.items()}
+
+    def forward(p, x):
+        return torch.func.functional_call(flow, p, (x,))
+
+    plain = forward(params, x)
+    swapped = forward(other, x)  # same input tensor: a stale entry would return ``plain``
+    assert not torch.allclose(plain, swapped)
+    flow.clear_cache()
+    torch.testing.assert_close(swapped, forward(other, x.clone()))
+    # under torch.func.grad too: the gradient of the swapped-in parameters is their own
+    grads = torch.func.grad(lambda p: forward(p, x).square().sum())(other)
+    flow.clear_cache()
+    expected = torch.func.grad(lambda p: forward(p, x.clone()).square().sum())(other)
+    for k in grads:
+        torch.testing.assert_close(grads[k], expected[k])

@@ -181,3 +181,40 @@ def test_on_cuda(case: Case):
     assert y.device.type == ladj.device.type == "cuda"
     clear(t)
     torch.testing.assert_close(t.inv(y.clone()), x, atol=case.tol, rtol=case.tol)
+
+
+@over_cases
+def test_context_with_more_batch_dimensions_than_the_input(case: Case):
+    if not case.context_dim:
+        pytest.skip("unconditional")
+    flow = case.build()
+    x = torch.randn(4, DIM, dtype=f64)
+    context = case.context(2, 4)
+    t = transform_for(flow, context)
+    y = t(x)
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert y.shape == (2, 4, DIM) and ladj.shape == (2, 4)
+    for i in range(2):  # each context row acts as if given alone
+        ti = transform_for(flow, context[i])
+        yi = ti(x)
+        ladj_i = ti.log_abs_det_jacobian(x, yi)
+        torch.testing.assert_close(y[i], yi, atol=case.tol, rtol=case.tol)
+        torch.testing.assert_close(ladj[i], ladj_i, atol=case.tol, rtol=case.tol)
+    clear(t)
+    torch.testing.assert_close(t.inv(y.detach().clone()), x.expand(2, 4, DIM), atol=case.tol,
+                               rtol=case.tol)
+
+
+@over_cases
+def test_non_finite_rows_give_nan_for_that_row_alone(case: Case):
+    flow = case.build()
+    t = transform_for(flow, case.context(5))
+    x = torch.randn(5, DIM, dtype=f64)
+    y = t(x).detach().clone()
+    clear(t)
+    y[0, 0], y[1, -1] = torch.nan, torch.inf
+    x_back = t.inv(y)
+    ladj = t.log_abs_det_jacobian(x_back, y)
+    assert not torch.isfinite(x_back[:2]).all(-1).any()  # no row is silently made finite
+    torch.testing.assert_close(x_back[2:], x[2:], atol=case.tol, rtol=case.tol)
+    assert torch.isfinite(ladj[2:]).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -10,6 +11,8 @@ from torch import Tensor
 
 from .. import _checks
 from . import weights as w
+
+MIN_ESS = 10  # below this many effective samples an estimate gets a warning
 
 
 class LogMarginal(NamedTuple):
@@ -37,7 +40,8 @@ def log_marginal_likelihood(
     use. For a VAE (every site inside the data plate) the estimate, its standard error
     ``sqrt(S/ESS - 1)/sqrt(S)`` and the importance ESS are per datum; for models with global
     latents they are scalars for the whole data set. ``max_plate_nesting`` is guessed from
-    one trace when not given.
+    one trace when not given. With ``num_samples=1`` the standard error is NaN, and an
+    importance ESS below ``MIN_ESS`` (10) for any estimate gives a :class:`RuntimeWarning`.
 
     >>> import pyro, pyro.distributions as dist
     >>> from pyroflows import AutoFlow
@@ -61,6 +65,7 @@ def log_marginal_likelihood(
         k = min(chunk_size, num_samples - done)
         traces = w.traces(model, guide, args, kwargs, k, nesting)
         values = w.log_weights(*traces, nesting).values
+        del traces  # free this chunk's traces before the next chunk is drawn
         chunk = (torch.logsumexp(values, 0), torch.logsumexp(2 * values, 0))
         if log_sum is None:
             log_sum, log_sum_sq = chunk
@@ -69,5 +74,18 @@ def log_marginal_likelihood(
             log_sum_sq = torch.logaddexp(log_sum_sq, chunk[1])
         done += k
     ess = (2 * log_sum - log_sum_sq).exp()
-    stderr = ((num_samples / ess - 1).clamp_min(0) / num_samples).sqrt()
+    if num_samples > 1:
+        stderr = ((num_samples / ess - 1).clamp_min(0) / num_samples).sqrt()
+    else:  # one sample says nothing about its own error
+        stderr = torch.full_like(ess, math.nan)
+    few = int((ess < MIN_ESS).sum())
+    if few:
+        warnings.warn(
+            f"log_marginal_likelihood: importance ESS below {MIN_ESS} for {few} of "
+            f"{ess.numel()} estimate(s) (smallest {ess.min().item():.3g} of {num_samples} "
+            "samples): the estimate and its standard error are unreliable; use more samples "
+            "or a guide closer to the posterior",
+            RuntimeWarning,
+            stacklevel=3,  # the caller, past torch.no_grad's wrapper
+        )
     return LogMarginal(log_sum - math.log(num_samples), stderr, ess)

@@ -58,6 +58,22 @@ class _Weighted(PyroELBO):
         warn_if_nan(loss, "loss")
         return loss
 
+    def differentiable_loss(self, model, guide, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The loss as a tensor whose gradient is this estimator's: train with any torch
+        optimizer over ``model`` and ``guide`` parameters (one optimizer for all of them)::
+
+            loss = objective.differentiable_loss(model, guide, x)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+        Its value equals :meth:`loss` on the same samples and its gradient equals the one
+        :meth:`loss_and_grads` accumulates.
+        """
+        objective, surrogate = self._objective_and_surrogate(model, guide, args, kwargs)
+        return -(objective.detach() + surrogate - surrogate.detach())
+
+    def _objective_and_surrogate(self, model, guide, args, kwargs):
+        raise NotImplementedError
+
 
 class IWAE(_Weighted):
     r"""The importance-weighted bound of Burda et al. (2016) with ``K = num_particles``:
@@ -80,7 +96,8 @@ class IWAE(_Weighted):
     time, first without gradients to get the self-normalized weights over all ``K``, then
     again from the same random seeds, chunk by chunk, each back-propagated on its own. The
     gradient is exactly that of the unchunked bound on the same samples, at the cost of a
-    second forward pass.
+    second forward pass. (:meth:`differentiable_loss` returns one graph and so draws all
+    ``K`` particles at once.)
 
     >>> import pyro, pyro.distributions as dist
     >>> from pyroflows import AutoFlow
@@ -126,13 +143,16 @@ class IWAE(_Weighted):
             values, scale = self._all_values(model, guide, args, kwargs, seeds)
         return self._finish(_bound(values, scale), None)
 
+    def _objective_and_surrogate(self, model, guide, args, kwargs):
+        lw = self._weights(model, guide, args, kwargs, self.estimator != "standard")
+        normalized = torch.softmax(lw.values.detach(), 0)
+        surrogate = self._surrogate(lw, normalized, model, args, kwargs)
+        return _bound(lw.values.detach(), lw.scale), surrogate
+
     def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
         stopped = self.estimator != "standard"
         if len(self._chunks()) == 1:
-            lw = self._weights(model, guide, args, kwargs, stopped)
-            normalized = torch.softmax(lw.values.detach(), 0)
-            surrogate = self._surrogate(lw, normalized, model, args, kwargs)
-            return self._finish(_bound(lw.values.detach(), lw.scale), surrogate)
+            return self._finish(*self._objective_and_surrogate(model, guide, args, kwargs))
         # chunked: the normalized weights over all K first, then each chunk's gradient from
         # the same samples (same seeds), so memory is bounded by one chunk
         seeds = self._seeds(model, guide, args, kwargs)
@@ -236,7 +256,10 @@ class ELBO(_Weighted):
                 self._objective(self._weights(model, guide, args, kwargs, False)), None
             )
 
-    def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
+    def _objective_and_surrogate(self, model, guide, args, kwargs):
         lw = self._weights(model, guide, args, kwargs, stopped=self.estimator == "stl")
         surrogate = self._objective(lw)  # with STL, log q has stopped parameters
-        return self._finish(surrogate.detach(), surrogate)
+        return surrogate.detach(), surrogate
+
+    def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
+        return self._finish(*self._objective_and_surrogate(model, guide, args, kwargs))

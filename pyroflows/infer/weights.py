@@ -17,10 +17,12 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Delta, ExpandedDistribution, Independent, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
@@ -105,6 +107,26 @@ def traces(model, guide, args, kwargs, num_particles: int, nesting: int):
     return model_trace, guide_trace
 
 
+def _check_plates(model_sites: list[dict], guide_sites: list[dict]) -> None:
+    """Model and guide must agree on each plate's size and full size: a guide plate opened
+    without the model's subsampling would weigh the guide and the model differently."""
+    seen: dict[str, tuple[str, Any]] = {}
+    for role, sites in (("model", model_sites), ("guide", guide_sites)):
+        for site in sites:
+            for f in site["cond_indep_stack"]:
+                if f.name == PARTICLES:
+                    continue
+                shape = (f.size, f.full_size or f.size)
+                other = seen.setdefault(f.name, (role, shape))
+                if other[1] != shape:
+                    raise ValueError(
+                        f"plate {f.name!r}: the {other[0]} has size {other[1][0]} of "
+                        f"{other[1][1]} but the {role} has size {shape[0]} of {shape[1]}; "
+                        "open the plate with the same size and subsample in model and guide "
+                        "(AmortizedFlowGuide: create_plates=...)"
+                    )
+
+
 def _data_frames(sites: list[dict]) -> frozenset:
     """The vectorized plates (other than the particles) that contain every site."""
     common = None
@@ -153,6 +175,7 @@ def log_weights(
     """
     model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
     guide_sites = _latent_sites(guide_trace)
+    _check_plates(model_sites, guide_sites)
     frames = _data_frames(model_sites + guide_sites)
     total = _site_sum(model_sites, frames, nesting) - _site_sum(
         guide_sites, frames, nesting, guide_log_probs
@@ -164,23 +187,52 @@ def log_weights(
     )  # fmt: skip
 
 
+def _kl_groups(guide_sites: list[dict], model_names: set[str]) -> dict[str, list[dict]]:
+    """Guide latent sites grouped by the part of ``q`` whose KL they make up.
+
+    A site of a mean-field guide is its own group. A joint guide (an ``AutoContinuous`` such
+    as :class:`~pyroflows.AutoFlow`) samples one auxiliary latent and places each model site
+    as a ``Delta`` of it: its density does not split over sites, so the auxiliary site and
+    every site it determines form one group, named after the auxiliary site.
+    """
+    auxiliary = [s for s in guide_sites if s["infer"].get("is_auxiliary")]
+    joint = "+".join(s["name"] for s in auxiliary)
+    groups: dict[str, list[dict]] = {}
+    for site in guide_sites:
+        if site in auxiliary or (auxiliary and _is_delta(site["fn"])):
+            groups.setdefault(joint, []).append(site)
+        elif site["name"] in model_names:
+            groups[site["name"]] = [site]
+        else:
+            raise ValueError(
+                f"guide site {site['name']!r} has no model counterpart; KL terms (warm-up, "
+                "free bits) need each guide latent site paired with a model site of the same "
+                "name, or marked infer={'is_auxiliary': True} as in an AutoContinuous guide"
+            )
+    return groups
+
+
+def _is_delta(fn: Any) -> bool:
+    while isinstance(fn, Independent | MaskedDistribution | ExpandedDistribution):
+        fn = fn.base_dist
+    return isinstance(fn, Delta)
+
+
 def kl_terms(lw: LogWeights) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(log p(x | z), {site: log q(z) - log p(z)})`` per particle (and datum), reduced like
-    ``lw``: the likelihood and a one-sample KL estimate for each latent site of the guide."""
+    """``(log p(x | z), {group: log q(z) - log p(z)})`` per particle (and datum), reduced
+    like ``lw``: the likelihood and a one-sample KL estimate for each group of latent sites
+    (each site, or a joint guide's sites together: see :func:`_kl_groups`)."""
     model_sites = {s["name"]: s for s in lw.model_trace.nodes.values() if s["type"] == "sample"}
     nesting = lw.nesting
     observed = [s for s in model_sites.values() if s["is_observed"]]
     likelihood = _flatten(_site_sum(observed, lw.frames, nesting), lw.per_datum)
+    latent = {n for n, s in model_sites.items() if not s["is_observed"]}
     kls = {}
-    for site in _latent_sites(lw.guide_trace):
-        if site["name"] not in model_sites:
-            raise ValueError(
-                f"guide site {site['name']!r} has no model counterpart; KL terms (free bits) "
-                "need guide and model latent sites paired by name"
-            )
-        q = _site_sum([site], lw.frames, nesting, lw.guide_log_probs)
-        p = _site_sum([model_sites[site["name"]]], lw.frames, nesting)
-        kls[site["name"]] = _flatten(q - p, lw.per_datum)
+    for group, sites in _kl_groups(_latent_sites(lw.guide_trace), latent).items():
+        q = _site_sum(sites, lw.frames, nesting, lw.guide_log_probs)
+        paired = [model_sites[s["name"]] for s in sites if s["name"] in latent]
+        p = _site_sum(paired, lw.frames, nesting)
+        kls[group] = _flatten(q - p, lw.per_datum)
     return likelihood, kls
 
 
@@ -201,13 +253,33 @@ class _DetachParams(Messenger):
         msg["value"] = msg["value"].detach()
 
 
+class _LogProbsNow(Messenger):
+    """Records each latent site's log density as the site is sampled.
+
+    Computed inside the guide's run, while its parameters are stopped: a flow reads its
+    parameters when its density is evaluated, so a density taken after the run (when
+    ``functional_call`` has put the live parameters back) would not be stopped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_probs: dict[str, Tensor] = {}
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if msg["is_observed"] or isinstance(msg["fn"], _Subsample):
+            return
+        log_prob = msg["fn"].log_prob(msg["value"])
+        self.log_probs[msg["name"]] = scale_and_mask(log_prob, 1.0, msg["mask"])
+
+
 def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int, nesting: int):
     """The guide's log densities at its own samples with every parameter stopped.
 
     The guide is re-run with its parameters detached (Pyro params through a handler,
     ``nn.Module`` parameters through :func:`torch.func.functional_call`) and the sample values
-    replayed, so the result keeps the gradient through the samples (the path derivative) and
-    drops the score term. Flows compute their inverse at the replayed values.
+    replayed, and each density is taken during that run, so the result keeps the gradient
+    through the samples (the path derivative) and drops the score term of every parameter,
+    a flow's included. Flows compute their inverse at the replayed values.
     """
     run = guide
     if isinstance(guide, nn.Module):
@@ -216,16 +288,12 @@ def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int
         def run(*a: Any, **k: Any) -> Any:
             return torch.func.functional_call(guide, detached, a, k)
 
-    with cache_disabled(), _DetachParams(), warnings.catch_warnings():
+    record = _LogProbsNow()
+    with cache_disabled(), _DetachParams(), record, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
-        replayed = poutine.trace(
-            poutine.replay(_particles(run, num_particles, -nesting), trace=guide_trace)
-        ).get_trace(*args, **kwargs)
-    replayed = prune_subsample_sites(replayed)
-    out = {}
-    for site in _latent_sites(replayed):
-        lp = site["fn"].log_prob(site["value"])
-        out[site["name"]] = scale_and_mask(lp, 1.0, site["mask"])
+        poutine.replay(_particles(run, num_particles, -nesting), trace=guide_trace)(
+            *args, **kwargs
+        )
     if is_validation_enabled():
-        assert set(out) == {s["name"] for s in _latent_sites(guide_trace)}
-    return out
+        assert set(record.log_probs) == {s["name"] for s in _latent_sites(guide_trace)}
+    return record.log_probs

@@ -24,8 +24,10 @@ class Autoregressive(Flow):
     ``dim`` passes. ``log|det J| = Σ log σ`` either way.
 
     ``stable=True`` is the gated update of Kingma et al. (2016):
-    ``σ = sigmoid(s + 2)``, ``μ = (1 - σ) m``, i.e. ``y = σ x + (1 - σ) m``. Otherwise
-    ``log σ = clamp(s, -5, 5)``, with its exact (zero outside the range) gradient.
+    ``σ = sigmoid(clamp(s + 2, -5, 5))``, ``μ = (1 - σ) m``, i.e. ``y = σ x + (1 - σ) m``.
+    Otherwise ``log σ = clamp(s, -5, 5)``. Either way the clamp has its exact (zero outside
+    the range) gradient, and it bounds how strongly a layer contracts, so that the inverse
+    of points far from the data stays finite.
 
     ``permutation`` is the order of the autoregressive factorisation (default: identity);
     :func:`pyroflows.flows.build` reverses it between layers. ``context_dim > 0`` feeds the
@@ -60,6 +62,9 @@ class Autoregressive(Flow):
                 f"permutation must be a permutation of range({dim}), got {permutation!r}"
             )
         self.net = MADE(dim, hidden, context_dim=context_dim, permutation=permutation)
+        # one-hot rows: the coordinate each sequential pass fixes, in the network's order
+        order = torch.eye(dim, dtype=torch.bool)[permutation]
+        self.register_buffer("_order", order, persistent=False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, direction={self.direction!r}, stable={self.stable}"
@@ -68,7 +73,7 @@ class Autoregressive(Flow):
         """``(σ, μ, log σ)`` given the conditioning input ``c``."""
         m, s = self.net(c, context)
         if self.stable:
-            s = s + 2.0
+            s = F.hardtanh(s + 2.0, -5.0, 5.0)  # bounded contraction: inverse stays finite
             gate = torch.sigmoid(s)
             return gate, (1 - gate) * m, F.logsigmoid(s)
         log_scale = F.hardtanh(s, -5.0, 5.0)
@@ -78,18 +83,25 @@ class Autoregressive(Flow):
         if self.direction == "iaf":
             scale, shift, log_scale = self._affine(x, context)
             return torch.addcmul(shift, x, scale), log_scale.sum(-1)
-        y = torch.zeros_like(x)
-        for _ in range(self.dim):  # each pass fixes one more coordinate
-            scale, shift, log_scale = self._affine(y, context)
-            y = torch.addcmul(shift, x, scale)
-        return y, log_scale.sum(-1)
+        return self._solve(x, context, lambda scale, shift: torch.addcmul(shift, x, scale))
 
     def _backward(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.direction == "maf":
             scale, shift, log_scale = self._affine(y, context)
             return (y - shift) / scale, -log_scale.sum(-1)
-        x = torch.zeros_like(y)
-        for _ in range(self.dim):
-            scale, shift, log_scale = self._affine(x, context)
-            x = (y - shift) / scale
-        return x, -log_scale.sum(-1)
+        x, ladj = self._solve(y, context, lambda scale, shift: (y - shift) / scale)
+        return x, -ladj
+
+    def _solve(self, value: Tensor, context: Tensor | None, update) -> tuple[Tensor, Tensor]:
+        """The sequential direction: ``dim`` network passes, pass ``k`` fixing coordinate
+        ``permutation[k]`` from the ones fixed before it; returns it with ``Σ log σ``.
+
+        Coordinates not yet fixed stay zero rather than holding the last pass's guesses: a
+        guess can overflow far from the data, and ``0 · inf`` in the masked layers would
+        spread NaN to coordinates that never depend on it.
+        """
+        out = torch.zeros_like(value)
+        for position in self._order:
+            scale, shift, log_scale = self._affine(out, context)
+            out = torch.where(position, update(scale, shift), out)
+        return out, log_scale.sum(-1)

@@ -20,6 +20,7 @@ into ``TransformedDistribution`` and ``ConditionalTransformedDistribution``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -58,7 +59,7 @@ class _CachedBijection(Transform):
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
-    _last: tuple[Tensor, Tensor, Tensor, tuple] | None = None
+    _last: tuple | None = None
 
     @property
     def _flow(self) -> Flow:
@@ -69,13 +70,23 @@ class _CachedBijection(Transform):
         raise NotImplementedError
 
     def _state(self) -> tuple:
-        """What a cache entry is valid for: grad mode, the flow's settings revision and the
-        in-place versions of the parameters and context."""
+        """What a cache entry is valid for: grad mode, the flow's settings revision, and the
+        identity and in-place version of every parameter and of the context.
+
+        Identities matter as much as versions: :func:`torch.func.functional_call` (and
+        ``torch.func.grad``) swap other tensors into the same modules, and a result computed
+        with one set of parameters must not be returned for another.
+        """
         flow, context = self._flow, self._context
-        versions = [p._version for p in flow._parameter_list()]
+        tensors = flow._current_parameters()
         if context is not None:
-            versions.append(context._version)
-        return (torch.is_grad_enabled(), flow._revision, *versions)
+            tensors.append(context)
+        return (
+            torch.is_grad_enabled(),
+            flow._revision,
+            *(id(t) for t in tensors),
+            *(t._version for t in tensors),
+        )
 
     def _cached(self, position: int, tensor: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         last = self._last
@@ -85,6 +96,11 @@ class _CachedBijection(Transform):
             return last[0], last[1], last[2]
         return None
 
+    def _store(self, x: Tensor, y: Tensor, ladj: Tensor) -> None:
+        # the state holds ids: keep its tensors alive with the entry so no id is reused
+        flow, context = self._flow, self._context
+        self._last = (x, y, ladj, self._state(), flow._current_parameters(), context)
+
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(y, log|det dy/dx|)`` for ``x`` of shape ``(..., dim)``."""
         hit = self._cached(0, x)
@@ -92,8 +108,11 @@ class _CachedBijection(Transform):
             return hit[1], hit[2]
         flow = self._flow
         _checks.event("x", x, flow.dim)
-        y, ladj = flow._forward(x, flow._resolve_params(self._context))
-        self._last = (x, y, ladj, self._state())
+        params = flow._resolve_params(self._context)
+        y, ladj = _finite_rows(flow._forward, x, params) if flow._solves_forward else (
+            flow._forward(x, params)
+        )
+        self._store(x, y, ladj)
         return y, ladj
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,8 +122,11 @@ class _CachedBijection(Transform):
             return hit[0], -hit[2]
         flow = self._flow
         _checks.event("y", y, flow.dim)
-        x, ladj = flow._backward(y, flow._resolve_params(self._context))
-        self._last = (x, y, -ladj, self._state())
+        params = flow._resolve_params(self._context)
+        x, ladj = _finite_rows(flow._backward, y, params) if flow._solves_backward else (
+            flow._backward(y, params)
+        )
+        self._store(x, y, -ladj)
         return x, ladj
 
     def _call(self, x: Tensor) -> Tensor:
@@ -129,14 +151,32 @@ class _CachedBijection(Transform):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_last", None)
-        state.pop("_parameters_seen", None)
+        state.pop("_parameter_slots", None)
         return state
+
+
+def _finite_rows(solve: Any, value: Tensor, params: Any) -> tuple[Tensor, Tensor]:
+    """``solve(value, params)`` for the rows of ``value`` that are finite; NaN for the others.
+
+    An iterative solve would otherwise spend its budget on a row that has no answer and then
+    blame the solver (or the stiffness of an ODE) for the whole batch.
+    """
+    finite = torch.isfinite(value).all(-1, keepdim=True)
+    if bool(finite.all()):
+        return solve(value, params)
+    out, ladj = solve(torch.where(finite, value, torch.zeros_like(value)), params)
+    nan = torch.full_like(out, math.nan)
+    return torch.where(finite, out, nan), torch.where(finite[..., 0], ladj, nan[..., 0])
 
 
 class Flow(_CachedBijection, TransformModule):
     """Base class of every flow family (see the module docstring for the contract)."""
 
     _revision = 0  # a family raises it when a setting that changes the map is changed
+    # the directions computed by an iterative solve: a row that is not finite gives NaN
+    # for that row alone (see ``_finite_rows``)
+    _solves_forward = False
+    _solves_backward = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Flow:
         if kwargs.get("context_dim") and not issubclass(cls, ConditionalTransformModule):
@@ -156,14 +196,20 @@ class Flow(_CachedBijection, TransformModule):
     def _context(self) -> None:
         return None
 
-    def _parameter_list(self) -> list[Tensor]:
-        params = self.__dict__.get("_parameters_seen")
-        if params is None:
-            params = self.__dict__["_parameters_seen"] = list(self.parameters())
-        return params
+    def _current_parameters(self) -> list[Tensor]:
+        """The tensors in the parameter slots now (swapped ones under ``functional_call``)."""
+        slots = self.__dict__.get("_parameter_slots")
+        if slots is None:
+            slots = self.__dict__["_parameter_slots"] = [
+                (module._parameters, name)
+                for module in self.modules()
+                for name, p in module._parameters.items()
+                if p is not None
+            ]
+        return [table[name] for table, name in slots]
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Flow:
-        self.__dict__.pop("_parameters_seen", None)  # conversions may replace parameters
+        self.__dict__.pop("_parameter_slots", None)  # conversions may replace parameters
         return super()._apply(fn, *args, **kwargs)
 
     def _params(self, context: Tensor | None) -> Any:

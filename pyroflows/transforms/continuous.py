@@ -213,6 +213,9 @@ class Continuous(Flow):
     (True, True)
     """
 
+    _solves_forward = True
+    _solves_backward = True
+
     def __init__(
         self,
         dim: int,

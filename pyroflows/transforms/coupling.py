@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,9 @@ class Coupling(Flow):
     The inverse is exact: ``x_b = (y_b - t(y_a)) ⊙ exp(-s(y_a))``.
 
     ``x_a`` is the first ``ceil(dim / 2)`` coordinates when ``parity=0`` and the last
-    ``floor(dim / 2)`` when ``parity=1``; :func:`pyroflows.flows.build` alternates them. The
+    ``floor(dim / 2)`` when ``parity=1``; :func:`pyroflows.flows.build` alternates them.
+    With ``dim=1`` there is nothing to condition on and the layer is an elementwise affine
+    (or additive) map whose parameters are learned, or given by the context when amortized. The
     conditioner is Pyro's :class:`DenseNN` (``ConditionalDenseNN`` with a context), its last
     layer zero-initialised so that a fresh layer is the identity (as in Glow).
 
@@ -43,24 +46,26 @@ class Coupling(Flow):
         parity: int = 0,
     ) -> None:
         super().__init__(dim, context_dim=context_dim)
-        if dim < 2:
-            raise ValueError(f"dim must be at least 2 for a coupling layer, got {dim}")
         self.kind = _checks.one_of("kind", kind, KINDS)
         if parity not in (0, 1):
             raise ValueError(f"parity must be 0 or 1, got {parity!r}")
         self.parity = parity
         hidden = list(_checks.int_sequence("hidden_dims", hidden_dims))
-        split = (dim + 1) // 2 if parity == 0 else dim // 2
+        # one coordinate: nothing to condition on, so the layer is an elementwise map with
+        # learned (or, amortized, context-given) shift and scale
+        split = 0 if dim == 1 else (dim + 1) // 2 if parity == 0 else dim // 2
         order = torch.arange(dim) if parity == 0 else torch.arange(dim).roll(-(dim - split))
         self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_unorder", torch.argsort(order), persistent=False)
         self.split = split
         n_out = dim - split
         param_dims = [n_out, n_out] if kind == "affine" else [n_out]
-        if context_dim:
-            self.net: nn.Module = ConditionalDenseNN(split, context_dim, hidden, param_dims)
-        else:
-            self.net = DenseNN(split, hidden, param_dims)
+        with warnings.catch_warnings():  # split = 0: torch warns of its empty weight
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            if context_dim:
+                self.net: nn.Module = ConditionalDenseNN(split, context_dim, hidden, param_dims)
+            else:
+                self.net = DenseNN(split, hidden, param_dims)
         last = self.net.layers[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
@@ -76,6 +81,10 @@ class Coupling(Flow):
         return shift, 5 * torch.tanh(s / 5)
 
     def _map(self, x: Tensor, context: Tensor | None, sign: int) -> tuple[Tensor, Tensor]:
+        if context is not None:  # the network takes equal batch shapes: broadcast both
+            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            x = x.expand(*batch, self.dim)
+            context = context.expand(*batch, context.shape[-1])
         x = x[..., self._order]
         x_a, x_b = x[..., : self.split], x[..., self.split :]
         shift, log_scale = self._shift_log_scale(x_a, context)

@@ -47,6 +47,8 @@ class Sylvester(Flow):
     True
     """
 
+    _solves_backward = True
+
     def __init__(
         self,
         dim: int,
