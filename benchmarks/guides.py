@@ -1,0 +1,296 @@
+"""SVI step time of AutoFlow against Pyro's guide of the same family, on three posteriors.
+
+    python benchmarks/guides.py [--device cuda] [--rounds 7] [--steps 20] [--threads 1 2]
+
+Each round times ``--steps`` SVI steps of every contender in turn (alternating, after a
+warm-up), and a contender's figure is the median over rounds with the min-max spread of its
+per-round ratio to the peer of the same family: ``AutoIAFNormal`` for ``iaf``,
+``AutoNormalizingFlow`` with Pyro's planar, radial and Householder-Sylvester layers for those
+recipes, and ``AutoMultivariateNormal`` as the floor. Every contender uses Pyro's
+``Trace_ELBO`` with vectorized particles, Pyro's fastest path for these guides. Peak memory
+is the RSS growth of a fresh process over the guide's construction and ``--steps`` steps (CPU),
+or CUDA max allocated (GPU).
+Prints a table and writes benchmarks/results/guides.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormalizingFlow
+
+import pyroflows as pf
+
+LAYERS = 2
+
+
+def gaussian(device):
+    data = torch.randn(50, 3, device=device) + 1.0
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(3, device=device), 2.0).to_event(1))
+        with pyro.plate("data", 50):
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=data)
+
+    return model, 3
+
+
+def funnel(device):
+    def model():
+        v = pyro.sample("v", dist.Normal(torch.tensor(0.0, device=device), 3.0))
+        scale = (v / 2).exp().unsqueeze(-1)
+        pyro.sample("x", dist.Normal(torch.zeros(9, device=device), scale).to_event(1))
+
+    return model, 10
+
+
+def logistic(device):
+    """Bayesian logistic regression, 30 standardised features and a bias, 500 points."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 30, generator=generator)
+    truth = torch.randn(30, generator=generator) / 2
+    y = torch.bernoulli(torch.sigmoid(x @ truth), generator=generator)
+    x, y = x.to(device), y.to(device)
+
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(30, device=device), 1.0).to_event(1))
+        b = pyro.sample("b", dist.Normal(torch.tensor(0.0, device=device), 5.0))
+        with pyro.plate("data", len(y)):
+            logits = (w * x).sum(-1) + b  # (particles, data) when vectorized
+            pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+    return model, 31
+
+
+POSTERIORS = {"gaussian-3d": gaussian, "funnel-10d": funnel, "logistic-31d": logistic}
+
+
+def pyro_layers(kind: str):
+    make = {
+        "planar": T.planar,
+        "radial": T.radial,
+        "sylvester-h": functools.partial(T.sylvester, count_transforms=4),
+    }[kind]
+
+    def init(dim):
+        return T.ComposeTransformModule([make(dim) for _ in range(LAYERS)])
+
+    return init
+
+
+def contenders(model):
+    """(label, family, make guide); the peer of each family comes first."""
+    out = [("pyro AutoIAFNormal", "iaf", lambda: AutoIAFNormal(model, num_transforms=LAYERS))]
+    out.append(("pyroflows iaf", "iaf", lambda: pf.AutoFlow(model, "iaf", LAYERS)))
+    for kind in ("planar", "radial", "sylvester-h"):
+        options = {"num_householder": 4} if kind == "sylvester-h" else {}
+        out.append(
+            (f"pyro {kind}", kind, lambda k=kind: AutoNormalizingFlow(model, pyro_layers(k)))
+        )
+        out.append(
+            (
+                f"pyroflows {kind}",
+                kind,
+                lambda k=kind, o=options: pf.AutoFlow(model, k, LAYERS, **o),
+            )
+        )
+    out.append(("pyro AutoMultivariateNormal", "mvn", lambda: AutoMultivariateNormal(model)))
+    return out
+
+
+def peak_rss_mib(reset: bool = False) -> float:
+    """This process's peak RSS (Linux ``VmHWM``); ``reset`` first lowers the mark to the
+    current RSS, so that a later call gives the peak since then."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def step_memory(posterior: str, label: str, steps: int) -> float:
+    """Peak RSS growth (MiB) of a fresh process from before the guide is built to after
+    ``steps`` SVI steps: the guide's parameters and optimiser state plus a step's peak."""
+    code = (
+        f"import guides, sys; print(guides.fresh_process_memory({posterior!r}, {label!r}, {steps}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def fresh_process_memory(posterior: str, label: str, steps: int) -> float:
+    torch.set_num_threads(1)
+    model, _ = POSTERIORS[posterior](torch.device("cpu"))
+    make = dict((name, m) for name, _, m in contenders(model))[label]
+    floor = dict((name, m) for name, _, m in contenders(model))["pyro AutoMultivariateNormal"]
+    _svi(model, floor, "warm-up", torch.device("cpu")).step()  # torch's one-time set-up
+    before = peak_rss_mib(reset=True)
+    svi = _svi(model, make, label, torch.device("cpu"))
+    for _ in range(steps):
+        svi.step()
+    return peak_rss_mib() - before
+
+
+def _svi(model, make, label: str, device) -> SVI:
+    pyro.set_rng_seed(0)
+    guide = make()
+    guide._pyro_name = label.replace(" ", "_")  # own names in Pyro's global param store
+    guide()
+    guide.to(device)
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 1e-3}),
+        Trace_ELBO(num_particles=8, vectorize_particles=True),
+    )
+    svi.step()
+    return svi
+
+
+def bench(posterior: str, rounds: int, steps: int, device) -> dict:
+    pyro.clear_param_store()
+    model, _ = POSTERIORS[posterior](device)
+    runs = []
+    for label, family, make in contenders(model):
+        svi = _svi(model, make, label, device)
+        for _ in range(2):
+            svi.step()
+        runs.append({"label": label, "family": family, "svi": svi, "times": [], "mem": 0.0})
+    for _ in range(rounds):
+        for run in runs:  # alternate contenders within each round
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for _ in range(steps):
+                run["svi"].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                run["mem"] = max(run["mem"], torch.cuda.max_memory_allocated() / 2**20)
+            run["times"].append((time.perf_counter() - start) / steps)
+    if device.type == "cpu":
+        for run in runs:
+            run["mem"] = step_memory(posterior, run["label"], steps)
+    peers = {r["family"]: r for r in runs if r["label"].startswith("pyro ")}
+    out = {}
+    for run in runs:
+        peer = peers[run["family"]]
+        ratios = [a / b for a, b in zip(run["times"], peer["times"], strict=True)]
+        out[run["label"]] = {
+            "family": run["family"],
+            "peer": peer["label"],
+            "step_ms": 1e3 * statistics.median(run["times"]),
+            "ratio_to_peer": statistics.median(ratios),
+            "ratio_spread": [min(ratios), max(ratios)],
+            "peak_mib": run["mem"],
+        }
+    return out
+
+
+def estimator_costs(posterior: str, rounds: int, steps: int, device) -> dict:
+    """Step time of STL and DReG against the standard ELBO and IWAE step with the same
+    AutoFlow guide: the price of the stopped-parameter pass (the flow's inverse at the
+    samples just drawn)."""
+    model, _ = POSTERIORS[posterior](device)
+    out = {}
+    for recipe in ("iaf", "planar", "radial", "sylvester-h"):
+        pyro.clear_param_store()
+        options = {"num_householder": 4} if recipe == "sylvester-h" else {}
+        guide = pf.AutoFlow(model, recipe, LAYERS, **options)
+        guide()
+        guide.to(device)
+        objectives = {
+            "elbo": pf.infer.ELBO(8),
+            "elbo-stl": pf.infer.ELBO(8, "stl"),
+            "iwae": pf.infer.IWAE(8),
+            "iwae-dreg": pf.infer.IWAE(8, "dreg"),
+        }
+        runs = {}
+        for label, objective in objectives.items():
+            svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-4}), objective)
+            for _ in range(2):
+                svi.step()
+            runs[label] = (svi, [])
+        for _ in range(rounds):
+            for svi, times in runs.values():
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    svi.step()
+                _sync(device)
+                times.append((time.perf_counter() - start) / steps)
+        for label, base in (("elbo-stl", "elbo"), ("iwae-dreg", "iwae")):
+            ratios = [a / b for a, b in zip(runs[label][1], runs[base][1], strict=True)]
+            out[f"{recipe} {label}"] = {
+                "step_ms": 1e3 * statistics.median(runs[label][1]),
+                "ratio_to_standard": statistics.median(ratios),
+                "ratio_spread": [min(ratios), max(ratios)],
+            }
+    return out
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    device = common.cuda_device(args.device)
+    figures = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name, make in POSTERIORS.items():
+            _, dim = make(device)
+            result = bench(name, args.rounds, args.steps, device)
+            figures[f"{name} threads={threads}"] = result
+            print(f"\n{name} (d={dim}), {threads} thread(s): step ms, ratio to peer [spread]")
+            for label, r in result.items():
+                lo, hi = r["ratio_spread"]
+                print(
+                    f"  {label:30s} {r['step_ms']:8.2f}  {r['ratio_to_peer']:.2f} "
+                    f"[{lo:.2f}-{hi:.2f}]  peak {r['peak_mib']:.1f} MiB"
+                )
+    torch.set_num_threads(args.threads[0])
+    for name in ("funnel-10d", "logistic-31d"):
+        costs = estimator_costs(name, args.rounds, args.steps, device)
+        figures[f"{name} estimators threads={args.threads[0]}"] = costs
+        print(f"\n{name}, {args.threads[0]} thread(s): STL / DReG step against the standard one")
+        for label, r in costs.items():
+            lo, hi = r["ratio_spread"]
+            print(
+                f"  {label:24s} {r['step_ms']:8.2f} ms  {r['ratio_to_standard']:.2f} "
+                f"[{lo:.2f}-{hi:.2f}]"
+            )
+    common.write(
+        "guides",
+        device,
+        {"rounds": args.rounds, "steps": args.steps, "results": figures},
+        pyro=pyro.__version__,
+    )
+
+
+if __name__ == "__main__":
+    main()
