@@ -251,6 +251,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _table(title: str, rows: dict) -> None:
+    print(f"\n{title} [spread]")
+    for label, r in rows.items():
+        ratio = r.get("ratio_to_peer", r.get("ratio_to_standard"))
+        lo, hi = r["ratio_spread"]
+        memory = f"  peak {r['peak_mib']:.1f} MiB" if "peak_mib" in r else ""
+        print(f"  {label:30s} {r['step_ms']:8.2f}  {ratio:.2f} [{lo:.2f}-{hi:.2f}]{memory}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -266,24 +275,12 @@ def main() -> None:
             _, dim = make(device)
             result = bench(name, args.rounds, args.steps, device)
             figures[f"{name} threads={threads}"] = result
-            print(f"\n{name} (d={dim}), {threads} thread(s): step ms, ratio to peer [spread]")
-            for label, r in result.items():
-                lo, hi = r["ratio_spread"]
-                print(
-                    f"  {label:30s} {r['step_ms']:8.2f}  {r['ratio_to_peer']:.2f} "
-                    f"[{lo:.2f}-{hi:.2f}]  peak {r['peak_mib']:.1f} MiB"
-                )
+            _table(f"{name} (d={dim}), {threads} thread(s): step ms, ratio to peer", result)
     torch.set_num_threads(args.threads[0])
     for name in ("funnel-10d", "logistic-31d"):
         costs = estimator_costs(name, args.rounds, args.steps, device)
         figures[f"{name} estimators threads={args.threads[0]}"] = costs
-        print(f"\n{name}, {args.threads[0]} thread(s): STL / DReG step against the standard one")
-        for label, r in costs.items():
-            lo, hi = r["ratio_spread"]
-            print(
-                f"  {label:24s} {r['step_ms']:8.2f} ms  {r['ratio_to_standard']:.2f} "
-                f"[{lo:.2f}-{hi:.2f}]"
-            )
+        _table(f"{name}, {args.threads[0]} thread(s): STL / DReG against standard", costs)
     common.write(
         "guides",
         device,
