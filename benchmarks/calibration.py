@@ -1,6 +1,6 @@
 """How well AutoFlow's defaults calibrate against Pyro's AutoIAFNormal at the same budget.
 
-    python benchmarks/calibration.py [--steps 2000] [--seeds 3] [--draws 4000]
+    python benchmarks/calibration.py [--steps 1500] [--seeds 7] [--draws 4000]
 
 Each guide is fitted with Pyro's ``Trace_ELBO`` (8 vectorized particles, Adam, lr 1e-2, the
 same steps) to three standard posteriors: non-centred eight schools, a 31-D Bayesian logistic
@@ -74,8 +74,8 @@ def diagnose(model, guide, draws: int) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seeds", type=int, default=7)
     parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -93,7 +93,15 @@ class AutoFlow(AutoContinuous):
         return super().load_state_dict(state_dict, strict=strict, **kw)
 
     def get_base_dist(self) -> dist.Distribution:
-        return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
+        return self._base(self.loc)
+
+    def _base(self, loc: Tensor) -> dist.Distribution:
+        """``N(0, I)`` on ``loc``'s device and dtype, built once per device and dtype."""
+        base = self.__dict__.get("_base_dist")
+        if base is None or base.mean.device != loc.device or base.mean.dtype != loc.dtype:
+            base = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
+            self.__dict__["_base_dist"] = base
+        return base
 
     def get_transform(self, *args: Any, **kwargs: Any) -> dist.transforms.Transform:
         """The flow's layers then ``loc + scale ⊙ ·``, as one flat list.
@@ -101,10 +109,10 @@ class AutoFlow(AutoContinuous):
         The placement caches its last pair, so scoring a sample just drawn reaches each
         flow layer's cache: no inverse runs (an IAF's would take ``latent_dim`` passes).
         """
-        return dist.transforms.ComposeTransform(self._layers())
+        return dist.transforms.ComposeTransform(self._layers(self.loc, self.scale))
 
-    def _layers(self) -> list[dist.transforms.Transform]:
-        place = dist.transforms.AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
+    def _layers(self, loc: Tensor, scale: Tensor) -> list[dist.transforms.Transform]:
+        place = dist.transforms.AffineTransform(loc, scale, event_dim=1, cache_size=1)
         return [*self.flow, place]
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -120,8 +128,10 @@ class AutoFlow(AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
         # a flat list: a nested ComposeTransform makes TransformedDistribution re-check
-        # supports and shapes once per layer and per level
-        return dist.TransformedDistribution(self.get_base_dist(), self._layers())
+        # supports and shapes once per layer and per level; each parameter is read once
+        # (every read of a PyroModule parameter goes through pyro.param)
+        loc, scale = self.loc, self.scale
+        return dist.TransformedDistribution(self._base(loc), self._layers(loc, scale))
 
     @torch.no_grad()
     def quantiles(

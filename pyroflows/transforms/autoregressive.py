@@ -65,9 +65,14 @@ class Autoregressive(Flow):
         # one-hot rows: the coordinate each sequential pass fixes, in the network's order
         order = torch.eye(dim, dtype=torch.bool)[permutation]
         self.register_buffer("_order", order, persistent=False)
+        self.register_buffer("_permutation", permutation.clone(), persistent=False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, direction={self.direction!r}, stable={self.stable}"
+
+    @property
+    def _warm_starts(self) -> bool:  # see _newton_step
+        return self.direction == "iaf"
 
     def _affine(self, c: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """``(σ, μ, log σ)`` given the conditioning input ``c``."""
@@ -85,12 +90,43 @@ class Autoregressive(Flow):
             return torch.addcmul(shift, x, scale), log_scale.sum(-1)
         return self._solve(x, context, lambda scale, shift: torch.addcmul(shift, x, scale))
 
-    def _backward(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _backward(
+        self, y: Tensor, context: Tensor | None, start: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         if self.direction == "maf":
             scale, shift, log_scale = self._affine(y, context)
             return (y - shift) / scale, -log_scale.sum(-1)
+        if start is not None:
+            x = self._newton_step(y, context, start)
+            return x, -self._affine(x, context)[2].sum(-1)
         x, ladj = self._solve(y, context, lambda scale, shift: (y - shift) / scale)
         return x, -ladj
+
+    def _newton_step(self, y: Tensor, context: Tensor | None, start: Tensor) -> Tensor:
+        """The IAF's inverse at ``y`` from a known solution ``start`` (see
+        ``Flow._warm_start``): ``x = start + J⁻¹ (y - f(start))`` with the Jacobian ``J`` of
+        the forward map at ``start``, triangular in the autoregressive order.
+
+        Its value is ``start`` to rounding and its derivatives are the implicit function's,
+        so a density with stopped parameters (STL, DReG) needs no sequential inverse: ``J``
+        comes from ``dim`` vector-Jacobian products in one batched call, without a graph.
+        """
+        start = start.detach()
+
+        def forward(x: Tensor) -> Tensor:
+            scale, shift, _ = self._affine(x, context)
+            return torch.addcmul(shift, x, scale)
+
+        with torch.no_grad():
+            out, pullback = torch.func.vjp(forward, start)
+            basis = torch.eye(self.dim, dtype=out.dtype, device=out.device)
+            rows = torch.func.vmap(lambda e: pullback(e.expand_as(out))[0])(basis)
+            jac = rows.movedim(0, -2)  # rows[i] = eᵢᵀ J
+            perm = self._permutation
+            jac = jac[..., perm, :][..., :, perm]  # lower triangular in this order
+        residual = (y - forward(start))[..., perm].unsqueeze(-1)
+        step = torch.linalg.solve_triangular(jac, residual, upper=False).squeeze(-1)
+        return start + step[..., torch.argsort(perm)]
 
     def _solve(self, value: Tensor, context: Tensor | None, update) -> tuple[Tensor, Tensor]:
         """The sequential direction: ``dim`` network passes, pass ``k`` fixing coordinate

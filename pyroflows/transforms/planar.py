@@ -35,6 +35,7 @@ class Planar(Flow):
     """
 
     _solves_backward = True
+    _warm_starts = True
 
     def __init__(self, dim: int, *, context_dim: int = 0, hidden_dims: Sequence[int] = ()) -> None:
         super().__init__(dim, context_dim=context_dim)
@@ -69,7 +70,7 @@ class Planar(Flow):
         y = x + p["u"] * a.unsqueeze(-1)
         return y, self._slope(a, p).log()
 
-    def _backward(self, y: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+    def _backward(self, y: Tensor, p: Params, start: Tensor | None = None) -> tuple[Tensor, Tensor]:
         wu, b = p["wu"], p["b"]
         target = (y * p["w"]).sum(-1)
 
@@ -77,10 +78,13 @@ class Planar(Flow):
             a = torch.tanh(alpha + b)
             return alpha + wu * a, self._slope(a, p)
 
-        radius = wu.abs().detach()
-        alpha = solve_increasing(
-            g, target.detach(), target.detach() - radius, target.detach() + radius
-        )
+        if start is not None:  # a known solution (see Flow._warm_start)
+            alpha = (start * p["w"]).sum(-1).detach()
+        else:
+            radius = wu.abs().detach()
+            alpha = solve_increasing(
+                g, target.detach(), target.detach() - radius, target.detach() + radius
+            )
         value, slope = g(alpha)
         alpha = alpha - (value - target) / slope  # attaches gradients (implicit function)
         a = torch.tanh(alpha + b)

@@ -48,6 +48,7 @@ class Sylvester(Flow):
     """
 
     _solves_backward = True
+    _warm_starts = True
 
     def __init__(
         self,
@@ -136,9 +137,29 @@ class Sylvester(Flow):
         y = x + matvec(p["out"], a)
         return y, torch.log1p((1 - a * a) * p["diag"]).sum(-1)
 
-    def _backward(self, y: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+    def _backward(self, y: Tensor, p: Params, start: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r, rt, b = p["r"], p["rt"], p["b"]
         w = self._to_basis(y, p)  # Qᵀy = v + R tanh(R̃ v + b)
+        if start is not None:  # a known solution (see Flow._warm_start): v = Qᵀx
+            with torch.no_grad():
+                v = self._to_basis(start, p)
+        else:
+            v = self._solve(w, p)
+        # one Newton step with gradients on attaches the implicit-function derivatives
+        a = torch.tanh(matvec(rt, v) + b)
+        residual = v + matvec(r, a) - w
+        jac = (
+            torch.eye(self.num_columns, dtype=v.dtype, device=v.device)
+            + r * (1 - a * a).unsqueeze(-2) @ rt
+        )
+        v = v - torch.linalg.solve_triangular(jac, residual.unsqueeze(-1), upper=True).squeeze(-1)
+        a = torch.tanh(matvec(rt, v) + b)
+        x = y + self._from_basis(v - w, p)
+        return x, -torch.log1p((1 - a * a) * p["diag"]).sum(-1)
+
+    def _solve(self, w: Tensor, p: Params) -> Tensor:
+        """``v`` with ``v + R tanh(R̃ v + b) = w``, by back-substitution, without gradients."""
+        r, rt, b = p["r"], p["rt"], p["b"]
         batch = torch.broadcast_shapes(w.shape, b.shape)
         v = w.new_zeros(batch).detach()
         a = torch.zeros_like(v)
@@ -156,14 +177,4 @@ class Sylvester(Flow):
                 radius = r_ii.abs().expand_as(target)
                 v[..., i] = solve_increasing(g, target, target - radius, target + radius)
                 a[..., i] = torch.tanh(rt_ii * v[..., i] + shift)
-        # one Newton step with gradients on attaches the implicit-function derivatives
-        a = torch.tanh(matvec(rt, v) + b)
-        residual = v + matvec(r, a) - w
-        jac = (
-            torch.eye(self.num_columns, dtype=v.dtype, device=v.device)
-            + r * (1 - a * a).unsqueeze(-2) @ rt
-        )
-        v = v - torch.linalg.solve_triangular(jac, residual.unsqueeze(-1), upper=True).squeeze(-1)
-        a = torch.tanh(matvec(rt, v) + b)
-        x = y + self._from_basis(v - w, p)
-        return x, -torch.log1p((1 - a * a) * p["diag"]).sum(-1)
+        return v
