@@ -55,8 +55,8 @@ POSTERIORS = {
 }
 GUIDES = {
     "pyro AutoIAFNormal": lambda model: AutoIAFNormal(model),
-    "pyroflows AutoFlow iaf (defaults)": lambda model: pf.AutoFlow(model),
-    "pyroflows AutoFlow iaf, init_scale=0.1": lambda model: pf.AutoFlow(model, init_scale=0.1),
+    "pyroflows AutoFlow iaf (defaults: 1 layer)": lambda model: pf.AutoFlow(model),
+    "pyroflows AutoFlow iaf, 2 layers": lambda model: pf.AutoFlow(model, num_layers=2),
 }
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     for name, make in POSTERIORS.items():
         model, dim = make(device)
         print(f"\n{name} (d={dim}): median over {args.seeds} seeds")
-        print(f"  {'guide':40s} {'k-hat':>6s} {'ESS %':>6s} {'ELBO':>9s}")
+        print(f"  {'guide':44s} {'k-hat':>6s} {'ESS %':>6s} {'ELBO':>9s}")
         figures[name] = {}
         for label, make_guide in GUIDES.items():
             rows = []
@@ -105,7 +105,7 @@ def main() -> None:
                 "per_seed": [dict(zip(("k_hat", "ess_share", "elbo"), r, strict=True))
                              for r in rows],
             }  # fmt: skip
-            print(f"  {label:40s} {k_hat:6.2f} {100 * ess:6.1f} {elbo:9.3f}")
+            print(f"  {label:44s} {k_hat:6.2f} {100 * ess:6.1f} {elbo:9.3f}")
     common.write("calibration", device, {"steps": args.steps, "seeds": args.seeds,
                                           "draws": args.draws, "results": figures},
                  pyro=pyro.__version__, arviz=az.__version__)  # fmt: skip

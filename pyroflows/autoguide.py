@@ -25,6 +25,11 @@ def _recipe(flow: str, num_layers: int) -> None:
     _checks.positive_int("num_layers", num_layers)
 
 
+# AutoFlow's depth where none is given: one autoregressive layer, as Pyro's AutoIAFNormal,
+# calibrated better than two at the same budget (docs/inference.md); one CNF is the usual
+AUTOFLOW_LAYERS = {"iaf": 1, "maf": 1, "cnf": 1}
+
+
 def _autoguide_options(flow: str, dim: int, options: dict[str, Any]) -> dict[str, Any]:
     """AutoFlow's defaults where they differ from the layers': an autoregressive network of
     Pyro's width (one hidden layer of ``3 dim + 1`` units, as in ``AutoIAFNormal``), which
@@ -39,7 +44,8 @@ class AutoFlow(AutoContinuous):
 
     The latent vector (in unconstrained space) is ``z = loc + scale ⊙ f(ε)`` with
     ``ε ~ N(0, I)`` and ``f`` the flow ``pyroflows.build(flow, latent_dim, num_layers,
-    **flow_options)``: the flow shapes a standardised latent and the learnable ``loc`` (from
+    **flow_options)`` (``num_layers`` defaults to 1 for ``iaf``, ``maf`` and ``cnf`` and to
+    2 otherwise): the flow shapes a standardised latent and the learnable ``loc`` (from
     ``init_loc_fn``) and ``scale`` (``init_scale``) place it, which keeps the flow's inputs of
     order one whatever the model's scale. The flow is built on the device and dtype of the
     model's tensors. ``median`` and ``quantiles`` are Monte Carlo estimates per site.
@@ -58,12 +64,14 @@ class AutoFlow(AutoContinuous):
         self,
         model: Callable,
         flow: str = "iaf",
-        num_layers: int = 2,
+        num_layers: int | None = None,
         *,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 1.0,
         **flow_options: Any,
     ) -> None:
+        if num_layers is None:
+            num_layers = AUTOFLOW_LAYERS.get(flow, 2) if isinstance(flow, str) else 2
         _recipe(flow, num_layers)
         self._flow_args = (flow, num_layers, flow_options)
         self._init_scale = _checks.positive_number("init_scale", init_scale)
