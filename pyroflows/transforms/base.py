@@ -112,11 +112,8 @@ class _CachedBijection(Transform):
         flow = self._flow
         _checks.event("x", x, flow.dim)
         params = flow._resolve_params(self._context)
-        y, ladj = (
-            _finite_rows(flow._forward, x, params)
-            if flow._solves_forward
-            else (flow._forward(x, params))
-        )
+        solve = flow._forward
+        y, ladj = _finite_rows(solve, x, params) if flow._solves_forward else solve(x, params)
         self._store(x, y, ladj)
         return y, ladj
 
