@@ -10,15 +10,17 @@ from typing import Any
 import torch
 
 import pyroflows
+from pyroflows import _checks
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def cuda_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
-    return device
+    """The ``--device`` asked for; an exit with the reason where it does not exist here."""
+    try:
+        return _checks.device("--device", name)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def write(name: str, device: torch.device, figures: dict[str, Any], **versions: str) -> Path:

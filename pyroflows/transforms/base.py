@@ -70,7 +70,14 @@ class _CachedBijection(Transform):
     def _context(self) -> Tensor | None:
         raise NotImplementedError
 
-    def _state(self) -> tuple:
+    def _tensors(self) -> list[Tensor]:
+        """The tensors the map reads: the parameters in their slots now, then the context."""
+        tensors = self._flow._current_parameters()
+        if self._context is not None:
+            tensors.append(self._context)
+        return tensors
+
+    def _state(self, tensors: list[Tensor] | None = None) -> tuple:
         """What a cache entry is valid for: grad mode, the flow's settings revision, and the
         identity and in-place version of every parameter and of the context.
 
@@ -78,13 +85,10 @@ class _CachedBijection(Transform):
         ``torch.func.grad``) swap other tensors into the same modules, and a result computed
         with one set of parameters must not be returned for another.
         """
-        flow, context = self._flow, self._context
-        tensors = flow._current_parameters()
-        if context is not None:
-            tensors.append(context)
+        tensors = self._tensors() if tensors is None else tensors
         return (
             torch.is_grad_enabled(),
-            flow._revision,
+            self._flow._revision,
             *(id(t) for t in tensors),
             *(t._version for t in tensors),
         )
@@ -99,10 +103,9 @@ class _CachedBijection(Transform):
 
     def _store(self, x: Tensor, y: Tensor, ladj: Tensor) -> None:
         # the state holds ids: keep its tensors alive with the entry so no id is reused
-        flow, context = self._flow, self._context
-        tensors = flow._current_parameters() + ([] if context is None else [context])
+        tensors = self._tensors()
         versions = [t._version for t in tensors]
-        self._last = (x, y, ladj, self._state(), tensors, versions)
+        self._last = (x, y, ladj, self._state(tensors), tensors, versions)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(y, log|det dy/dx|)`` for ``x`` of shape ``(..., dim)``."""
@@ -149,9 +152,8 @@ class _CachedBijection(Transform):
             return None  # (a broadcast context can make x0 smaller than y: no warm start)
         if y0.device != y.device:
             return None
-        context = self._context
-        now = self._flow._current_parameters() + ([] if context is None else [context])
-        if not _same_values(now, tensors, versions, exact_last=context is not None):
+        exact_last = self._context is not None  # a recomputed context: compare values
+        if not _same_values(self._tensors(), tensors, versions, exact_last=exact_last):
             return None
         tol = 1e-12 if y.dtype == torch.float64 else 1e-6
         with torch.no_grad():
