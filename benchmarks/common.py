@@ -1,9 +1,13 @@
-"""What every benchmark records beside its figures: the device, threads and versions."""
+"""What every benchmark shares: alternating timing, ratios with their spread, peak memory, and
+the record of device, threads and versions written beside the figures."""
 
 from __future__ import annotations
 
 import json
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,76 @@ def cuda_device(name: str) -> torch.device:
         raise SystemExit(str(error)) from None
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(
+    calls: dict[str, Callable[[], Any]], rounds: int, device: torch.device, repeat: int = 1
+) -> dict[str, dict]:
+    """Time every contender ``repeat`` calls per round, the contenders taking turns within
+    each round so that drift of a shared machine hits all alike.
+
+    Returns ``{name: {"seconds": [seconds per call, one per round], "peak_mib": ...}}``;
+    ``peak_mib`` is the most CUDA memory allocated during any round (None on CPU, where
+    :func:`cpu_peak_mib` measures it).
+    """
+    out = {name: {"seconds": [], "peak_mib": None} for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for _ in range(repeat):
+                call()
+            sync(device)
+            out[name]["seconds"].append((time.perf_counter() - start) / repeat)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                out[name]["peak_mib"] = max(out[name]["peak_mib"] or 0.0, peak)
+    return out
+
+
+def ratio(times: list[float], base: list[float]) -> dict[str, Any]:
+    """Median and min-max spread of the per-round ratios ``times / base`` (below 1: faster)."""
+    ratios = [a / b for a, b in zip(times, base, strict=True)]
+    return {"median": statistics.median(ratios), "spread": [min(ratios), max(ratios)]}
+
+
+def ratio_text(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    lo, hi = r["spread"]
+    return f"{r['median']:.2f} [{lo:.2f}-{hi:.2f}]"
+
+
+def cpu_peak_mib(call: Callable[[], Any]) -> float:
+    """Peak of torch's CPU memory during ``call()`` above what was allocated before, in MiB.
+
+    Read from the profiler's record of every allocation and free (exact and repeatable,
+    unlike a process's RSS, which the C allocator's caching blurs); Python objects other than
+    tensors are not counted.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        call()
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    current = peak = 0
+    for _, change in events:
+        current += change
+        peak = max(peak, current)
+    return peak / 2**20
+
+
 def write(name: str, device: torch.device, figures: dict[str, Any], **versions: str) -> Path:
-    """Write ``results/NAME.json`` with the environment and ``figures``; returns the path."""
+    """Write ``results/NAME.json`` (``NAME-cuda.json`` on CUDA) with the environment and
+    ``figures``; returns the path."""
     is_cuda = device.type == "cuda"
     result = {
         "benchmark": name,
@@ -40,7 +112,7 @@ def write(name: str, device: torch.device, figures: dict[str, Any], **versions: 
         **figures,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}-cuda.json" if is_cuda else f"{name}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path

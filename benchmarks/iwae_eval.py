@@ -1,25 +1,28 @@
-"""Importance-sampled log p(x) for a VAE on binarized MNIST: seconds per image and peak memory.
+"""Importance-sampled log p(x) for a VAE on binarized MNIST: time per image and peak memory.
 
-    python benchmarks/iwae_eval.py [--device cuda] [--images 20] [--samples 1000 5000]
+    python benchmarks/iwae_eval.py [--device cuda] [--images 1000] [--samples 1000]
     python benchmarks/iwae_eval.py --device cuda --images 10000 --samples 5000  # the GPU aim
 
 The VAE has a 2-layer IAF posterior (encoder 784-300-300 giving the context, IAF networks of
 width 300, decoder 40-300-300-784 Bernoulli), freshly initialised: the figures are timings,
-not likelihoods. Contenders, each estimating log p(x) of the same test images with K samples:
+not likelihoods. Contenders, each estimating log p(x) of the same test images with K samples
+drawn ``--chunk`` at a time:
 
-- ``pyroflows``: ``pyroflows.infer.log_marginal_likelihood`` (vectorized chunks of samples,
-  ``--image-batch`` images per call);
-- ``torch-loop``: a hand-written chunked torch loop over the same modules (no Pyro), on the
-  same image batches and chunks;
-- ``pyro-renyi``: Pyro's ``RenyiELBO(alpha=0)`` with vectorized particles (one image at a time:
-  all K particles at once; ``--renyi-images`` images);
-- ``pyro-importance``: Pyro's ``Importance`` (one sample at a time; ``--importance-images``
-  images, timed once).
+- ``pyroflows``: ``pyroflows.infer.log_marginal_likelihood`` (``max_plate_nesting=1`` given, as
+  to Pyro's ELBO); ``pyroflows-1chunk``: the same with all K samples in one chunk;
+- ``torch-loop``: a hand-written chunked torch loop over the same modules (no Pyro);
+- ``pyro-renyi``: Pyro's ``RenyiELBO(alpha=0)`` with vectorized particles, Pyro's fastest path
+  (one image per call, all K particles at once: its memory grows with K);
+- ``pyro-importance``: Pyro's ``Importance`` (one sample at a time; one image, timed once).
 
-The others are timed ``--repeats`` times, alternating; the median time counts.
+Two cases: ``--image-batch`` images per call over ``--images`` images (pyroflows and the
+torch loop), and one image per call over ``--single-images`` images (all but Importance).
+Within a case the contenders take turns for ``--rounds`` rounds; each figure is the median
+time per image with the min-max spread of the per-round ratio to the torch loop. Peak memory
+is CUDA max allocated (GPU), or the peak of torch's CPU allocations during one call (CPU).
 
-Reads ../shared/data/binarized_mnist.npz (skips with a message where absent); prints a table
-and writes benchmarks/results/iwae_eval.json.
+Reads ../shared/data/binarized_mnist.npz or ``--data`` (skips with a message where absent);
+prints a table and writes benchmarks/results/iwae_eval.json (iwae_eval-cuda.json on CUDA).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import math
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import common
@@ -73,107 +78,108 @@ def torch_loop(decoder: Decoder, guide: AmortizedFlowGuide, x: torch.Tensor, k: 
     return total - math.log(k)
 
 
-def timed(fn, device: torch.device) -> tuple[float, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with torch.no_grad():
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20
-    return time.perf_counter() - start, float("nan")  # CPU: no allocator statistics
+def build(args: argparse.Namespace, device: torch.device):
+    """Test images, the model and the guide, the same in every process."""
+    if not args.data.exists():
+        sys.exit(f"skipped: {args.data} not found (statically binarized MNIST, see shared/data)")
+    with np.load(args.data) as f:
+        test = np.ascontiguousarray(np.unpackbits(f["test"], axis=1)[:, :784])
+    x = torch.tensor(test[: max(args.images, args.single_images)], dtype=torch.float32)
+    torch.manual_seed(0)
+    decoder = Decoder()
+    encoder = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU())
+    guide = AmortizedFlowGuide(encoder, LATENT, 300, flow="iaf", num_layers=2, hidden_dims=(300,))
+    return x.to(device), decoder.to(device), guide.to(device)
+
+
+def contenders(args, x, decoder, guide, case: str, k: int) -> dict[str, tuple[int, Callable]]:
+    """name: (images, the call estimating their log p(x) with k samples)."""
+    model, chunk = decoder.model, args.chunk
+    if case == "batch":
+        batches = x[: args.images].split(args.image_batch)
+    else:
+        batches = x[: args.single_images].split(1)
+    n = sum(len(b) for b in batches)
+
+    def ours(chunk_size: int) -> Callable:
+        return lambda: [log_marginal_likelihood(model, guide, b, num_samples=k,
+                        chunk_size=chunk_size, max_plate_nesting=1) for b in batches]  # fmt: skip
+
+    out = {
+        "pyroflows": (n, ours(chunk)),
+        "torch-loop": (n, lambda: [torch_loop(decoder, guide, b, k, chunk) for b in batches]),
+    }
+    if case == "single":  # Pyro's fastest path, and ours at its memory (one chunk of K)
+        renyi = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+        out["pyro-renyi"] = (n, lambda: [renyi.loss(model, guide, b) for b in batches])
+        out["pyroflows-1chunk"] = (n, ours(k))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--image-batch", type=int, default=1000)
-    parser.add_argument("--renyi-images", type=int, default=20)
-    parser.add_argument("--importance-images", type=int, default=1)
-    parser.add_argument("--samples", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--chunk", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5, help="median of, except Importance")
+    parser.add_argument("--single-images", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data", type=Path, default=DATA, help="default: %(default)s")
     args = parser.parse_args()
-    if not DATA.exists():
-        sys.exit(f"skipped: {DATA} not found (statically binarized MNIST, see shared/data/README)")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", "log_marginal_likelihood: importance ESS")  # untrained
     device = common.cuda_device(args.device)
-    with np.load(DATA) as f:
-        test = np.ascontiguousarray(np.unpackbits(f["test"], axis=1)[:, :784])
-    x = torch.tensor(test[: args.images], dtype=torch.float32, device=device)
-    renyi_images = min(args.renyi_images, len(x))
-
-    torch.manual_seed(0)
-    decoder = Decoder().to(device)
-    encoder = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU())
-    guide = AmortizedFlowGuide(
-        encoder, LATENT, 300, flow="iaf", num_layers=2, hidden_dims=(300,)
-    ).to(device)
-    model = decoder.model
-
-    def contenders(k: int) -> dict:
-        """name: (images, the call estimating their log p(x) with k samples)."""
-        renyi = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
-        batches = x.split(args.image_batch)
-        return {
-            "pyroflows": (len(x), lambda: [log_marginal_likelihood(
-                model, guide, b, num_samples=k, chunk_size=args.chunk) for b in batches]),
-            "torch-loop": (len(x), lambda: [
-                torch_loop(decoder, guide, b, k, args.chunk) for b in batches]),
-            "pyro-renyi": (renyi_images, lambda: [
-                renyi.loss(model, guide, x[i : i + 1]) for i in range(renyi_images)]),
-            "pyro-importance": (args.importance_images, lambda: [
-                Importance(model, guide, num_samples=k).run(x[i : i + 1]).get_log_normalizer()
-                for i in range(args.importance_images)]),
-        }  # fmt: skip
-
-    for name, (_, fn) in contenders(min(args.samples)).items():  # warm-up, untimed
-        if name != "pyro-importance":
-            timed(fn, device)
+    x, decoder, guide = build(args, device)
+    k = args.samples
     rows = []
     print(
-        f"{'K':>6} {'contender':16}{'images':>7}{'seconds':>9}{'s/image':>10}{'peak MiB':>10}"
-        f"{'vs pyroflows':>14}"
+        f"{'case':15}{'contender':17}{'images':>7}{'ms/image':>10}{'peak MiB':>10}"
+        f"  {'vs torch-loop [spread]':24}{'vs pyro-renyi [spread]'}"
     )
-    for k in args.samples:
-        calls = contenders(k)
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
-        for repeat in range(args.repeats):  # contenders alternate, so drift hits all alike
-            for name, (_, fn) in calls.items():
-                if name != "pyro-importance" or repeat == 0:
-                    pyro.clear_param_store()
-                    runs[name].append(timed(fn, device))
-        base = statistics.median(t for t, _ in runs["pyroflows"]) / calls["pyroflows"][0]
+    for case, label in (("batch", f"{args.image_batch} img/call"), ("single", "1 img/call")):
+        calls = contenders(args, x, decoder, guide, case, k)
+        with torch.no_grad():
+            for _, call in calls.values():  # warm-up, untimed
+                call()
+            runs = common.alternate({n: c for n, (_, c) in calls.items()}, args.rounds, device)
         for name, (n, _) in calls.items():
-            seconds = statistics.median(t for t, _ in runs[name])
-            peak = max(p for _, p in runs[name])
-            per_image = seconds / n
-            rows.append({
-                "samples": k, "contender": name, "images": n, "seconds": seconds,
-                "seconds_per_image": per_image,
-                "peak_mib": None if math.isnan(peak) else peak,
-                "time_vs_pyroflows": per_image / base,
-            })  # fmt: skip
-            peak_text = "-" if math.isnan(peak) else f"{peak:.0f}"
+            run = runs[name]
+            if device.type == "cpu":
+                with torch.no_grad():
+                    run["peak_mib"] = common.cpu_peak_mib(calls[name][1])
+            row = {
+                "case": label, "samples": k, "contender": name, "images": n,
+                "ms_per_image": 1e3 * statistics.median(run["seconds"]) / n,
+                "peak_mib": run["peak_mib"],
+                "ratio_to_torch_loop": common.ratio(run["seconds"], runs["torch-loop"]["seconds"]),
+                "ratio_to_pyro_renyi": common.ratio(run["seconds"], runs["pyro-renyi"]["seconds"])
+                if "pyro-renyi" in runs else None,
+            }  # fmt: skip
+            rows.append(row)
             print(
-                f"{k:6d} {name:16}{n:7d}{seconds:9.2f}{per_image:10.4f}{peak_text:>10}"
-                f"{per_image / base:14.2f}"
+                f"{label:15}{name:17}{n:7d}{row['ms_per_image']:10.3f}{row['peak_mib']:10.1f}"
+                f"  {common.ratio_text(row['ratio_to_torch_loop']):24}"
+                f"{common.ratio_text(row['ratio_to_pyro_renyi'])}"
             )
+    pyro.clear_param_store()
+    one = x[:1]
+    common.sync(device)
+    start = time.perf_counter()
+    Importance(decoder.model, guide, num_samples=k).run(one).get_log_normalizer()
+    common.sync(device)
+    importance_ms = 1e3 * (time.perf_counter() - start)
+    single = next(r for r in rows if r["case"] == "1 img/call" and r["contender"] == "pyroflows")
+    print(f"pyro Importance, 1 image: {importance_ms:.0f} ms "
+          f"({importance_ms / single['ms_per_image']:.0f}x pyroflows at 1 img/call)")  # fmt: skip
+    settings = {key: getattr(args, key) for key in ("images", "image_batch", "single_images",
+                                                      "samples", "chunk", "rounds")}  # fmt: skip
+    settings["posterior"] = "2-layer IAF, width 300, untrained (timing only)"
     common.write(
         "iwae_eval",
         device,
-        {
-            "settings": {
-                "images": len(x),
-                "image_batch": args.image_batch,
-                "chunk": args.chunk,
-                "latent": LATENT,
-                "posterior": "2-layer IAF, width 300, untrained (timing only)",
-            },
-            "rows": rows,
-        },
+        {"settings": settings, "rows": rows, "pyro_importance_ms_one_image": importance_ms},
         pyro=pyro.__version__,
     )
 

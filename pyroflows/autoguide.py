@@ -215,7 +215,9 @@ class AmortizedFlowGuide(nn.Module):
                 f"got {tuple(h.shape)}"
             )
         base = dist.Normal(self.loc(h), F.softplus(self.scale(h)) + 1e-5).to_event(1)
-        return dist.TransformedDistribution(base, [self.flow.condition(h)])
+        # the layers one by one: the flow's own ``condition`` would build a module per call,
+        # whose reference cycles keep each call's tensors until the garbage collector runs
+        return dist.TransformedDistribution(base, [t.condition(h) for t in self.flow.transforms])
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() < 2:

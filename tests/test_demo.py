@@ -77,3 +77,13 @@ def test_recipes_have_their_own_demo_defaults():
 
 def test_tests_run_on_one_thread():
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["planar", "iaf", "cnf"])
+def test_cli_demo_on_cuda(name, tmp_path, capsys):
+    plot = tmp_path / "banana.png"
+    args = ["demo", "--flow", name, "--steps", "20", "--device", "cuda", "--plot", str(plot)]
+    assert main(args) == 0
+    assert "log Z (exact)" in capsys.readouterr().out and plot.stat().st_size > 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
+import weakref
 
 import pyro
 import pyro.distributions as dist
@@ -169,12 +171,31 @@ def test_log_marginal_likelihood_within_three_standard_errors(data):
     assert 1 < result.ess.item() <= 5000
 
 
-def test_log_marginal_likelihood_per_datum_for_local_latents(data):
+def test_a_conditioned_posterior_is_freed_without_the_garbage_collector(data):
+    """Each call's transforms and the tensors in their caches go as soon as the caller drops
+    them: a reference cycle would hold a chunk of samples until the collector runs."""
+    guide = AmortizedFlowGuide(nn.Linear(2, 8), latent_dim=2, context_dim=8, flow="iaf")
+    gc.disable()
+    try:
+        q = guide.posterior(data)
+        z = q.rsample((4,))
+        q.log_prob(z)
+        refs = [weakref.ref(t) for t in q.transforms] + [weakref.ref(z)]
+        del q, z
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("nesting", [None, 1])
+def test_log_marginal_likelihood_per_datum_for_local_latents(data, nesting):
     pyro.set_rng_seed(0)
     encoder = nn.Sequential(nn.Linear(2, 16), nn.Tanh())
     guide = AmortizedFlowGuide(encoder, latent_dim=2, context_dim=16, flow="iaf", hidden_dims=(16,))
     fit(guide, local_model, data, steps=300)
-    result = log_marginal_likelihood(local_model, guide, data, num_samples=3000, chunk_size=1000)
+    result = log_marginal_likelihood(
+        local_model, guide, data, num_samples=3000, chunk_size=1000, max_plate_nesting=nesting
+    )
     exact = local_evidence(data)
     assert result.log_px.shape == result.stderr.shape == result.ess.shape == (10,)
     assert ((result.log_px - exact).abs() < 3 * result.stderr + 2e-3).all()
@@ -289,9 +310,10 @@ def test_encoder_output_size_is_checked():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_autoflow_and_evaluation_follow_the_model_to_cuda(data):
+@pytest.mark.parametrize("name", list(pf.flows.RECIPES))
+def test_autoflow_and_evaluation_follow_the_model_to_cuda(name, data):
     x = data.cuda()
-    guide = AutoFlow(global_model, flow="iaf")
+    guide = AutoFlow(global_model, flow=name)
     fit(guide, global_model, x, steps=5)
     assert all(p.device.type == "cuda" for p in guide.parameters())
     result = log_marginal_likelihood(global_model, guide, x, num_samples=1000)

@@ -201,8 +201,9 @@ def test_context_with_more_batch_dimensions_than_the_input(case: Case):
         torch.testing.assert_close(y[i], yi, atol=case.tol, rtol=case.tol)
         torch.testing.assert_close(ladj[i], ladj_i, atol=case.tol, rtol=case.tol)
     clear(t)
-    torch.testing.assert_close(t.inv(y.detach().clone()), x.expand(2, 4, DIM), atol=case.tol,
-                               rtol=case.tol)
+    torch.testing.assert_close(
+        t.inv(y.detach().clone()), x.expand(2, 4, DIM), atol=case.tol, rtol=case.tol
+    )
 
 
 @over_cases

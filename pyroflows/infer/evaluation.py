@@ -55,15 +55,20 @@ def log_marginal_likelihood(
     """
     _checks.positive_int("num_samples", num_samples)
     _checks.positive_int("chunk_size", chunk_size)
-    if max_plate_nesting is None:
-        nesting = w.plate_nesting(model, guide, args, kwargs)
+    log_sum = log_sum_sq = None
+    done, checked = 0, False
+    if max_plate_nesting is None:  # the run that finds the nesting gives the first sample
+        nesting, values = w.first_sample(model, guide, args, kwargs)
+        log_sum, log_sum_sq = values[0], 2 * values[0]
+        done = 1
     else:
         nesting = _checks.nonnegative_int("max_plate_nesting", max_plate_nesting) + 1
-    log_sum = log_sum_sq = None
-    done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        traces = w.traces(model, guide, args, kwargs, k, nesting)
+        # Pyro's checks on the first chunk; later ones run the same code on fresh samples
+        draw = w.unchecked_traces if checked else w.traces
+        traces = draw(model, guide, args, kwargs, k, nesting)
+        checked = True
         values = w.log_weights(*traces, nesting).values
         del traces  # free this chunk's traces before the next chunk is drawn
         chunk = (torch.logsumexp(values, 0), torch.logsumexp(2 * values, 0))

@@ -71,11 +71,20 @@ def check_reparameterized(guide_trace) -> None:
 
 def plate_nesting(model, guide, args, kwargs) -> int:
     """The deepest vectorized plate in one run of guide and model, plus one for particles."""
+    return _nesting(*_one_run(model, guide, args, kwargs))
+
+
+def _one_run(model, guide, args, kwargs):
+    """Guide and model traces of one run without particles, blocked from outer handlers."""
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+    return model_trace, guide_trace
+
+
+def _nesting(model_trace, guide_trace) -> int:
     depths = [
         -frame.dim
         for trace in (model_trace, guide_trace)
@@ -85,6 +94,19 @@ def plate_nesting(model, guide, args, kwargs) -> int:
         if frame.vectorized
     ]
     return max(depths, default=0) + 1
+
+
+def first_sample(model, guide, args, kwargs) -> tuple[int, Tensor]:
+    """Plate nesting (as :func:`plate_nesting`) and the log weights of the one sample its
+    run drew, shaped as one particle: the run that finds the nesting is a draw from ``q``."""
+    model_trace, guide_trace = (
+        prune_subsample_sites(t) for t in _one_run(model, guide, args, kwargs)
+    )
+    _check_latents(model_trace, guide_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    nesting = _nesting(model_trace, guide_trace)
+    return nesting, log_weights(model_trace, guide_trace, nesting).values
 
 
 def traces(model, guide, args, kwargs, num_particles: int, nesting: int):
@@ -97,6 +119,46 @@ def traces(model, guide, args, kwargs, num_particles: int, nesting: int):
         "flat", nesting, _particles(model, num_particles, -nesting),
         _particles(guide, num_particles, -nesting), args, kwargs,
     )  # fmt: skip
+    _check_latents(model_trace, guide_trace)
+    return model_trace, guide_trace
+
+
+class _StoredParams(Messenger):
+    """Answers every ``pyro.param`` from the param store and stops it there, so that no
+    outer handler sees it: for runs that need neither a record of the parameters nor
+    their gradients."""
+
+    def _pyro_param(self, msg: dict) -> None:
+        msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
+        msg["done"] = msg["stop"] = True
+
+
+def _particles_without_params(fn: Callable, k: int, dim: int) -> Callable:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with pyro.plate(PARTICLES, k, dim=dim), _StoredParams():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def unchecked_traces(model, guide, args, kwargs, num_particles: int, nesting: int):
+    """:func:`traces` without Pyro's validation, score terms or parameter sites, for
+    estimates whose first draw went through the checked path (the same code on fresh
+    samples)."""
+    guide = _particles_without_params(guide, num_particles, -nesting)
+    model = _particles_without_params(model, num_particles, -nesting)
+    with pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        model_trace, guide_trace = (prune_subsample_sites(t) for t in (model_trace, guide_trace))
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+    return model_trace, guide_trace
+
+
+def _check_latents(model_trace, guide_trace) -> None:
     guide_latents = {s["name"] for s in _latent_sites(guide_trace)}
     for site in _latent_sites(model_trace):
         if site["name"] not in guide_latents:
@@ -104,7 +166,6 @@ def traces(model, guide, args, kwargs, num_particles: int, nesting: int):
                 f"model latent site {site['name']!r} has no counterpart in the guide; "
                 "importance weights need the guide to sample every model latent"
             )
-    return model_trace, guide_trace
 
 
 def _check_plates(model_sites: list[dict], guide_sites: list[dict]) -> None:
@@ -291,9 +352,7 @@ def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int
     record = _LogProbsNow()
     with cache_disabled(), _DetachParams(), record, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
-        poutine.replay(_particles(run, num_particles, -nesting), trace=guide_trace)(
-            *args, **kwargs
-        )
+        poutine.replay(_particles(run, num_particles, -nesting), trace=guide_trace)(*args, **kwargs)
     if is_validation_enabled():
         assert set(record.log_probs) == {s["name"] for s in _latent_sites(guide_trace)}
     return record.log_probs

@@ -21,6 +21,7 @@ into ``TransformedDistribution`` and ``ConditionalTransformedDistribution``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -31,6 +32,7 @@ from pyro.distributions import TransformModule
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
+from torch.distributions.transforms import _InverseTransform
 
 from .. import _checks
 
@@ -160,6 +162,17 @@ class _CachedBijection(Transform):
             if not bool(((y - y0).abs() <= tol * (1 + y0.abs())).all()):
                 return None
         return x0.detach()
+
+    @property
+    def inv(self) -> Transform:
+        """The inverse transform, held weakly: torch's strong reference makes a cycle with
+        it, so that a transform made per call (a conditioned flow) and the tensors in its
+        cache would live until the garbage collector runs."""
+        inv = self._inv() if isinstance(self._inv, weakref.ref) else None
+        if inv is None:
+            inv = _InverseTransform(self)
+            self._inv = weakref.ref(inv)
+        return inv
 
     def _call(self, x: Tensor) -> Tensor:
         return self.call_and_ladj(x)[0]
