@@ -8,12 +8,15 @@ MLP (64, 64, ELU, 3 time frequencies) and error control for both: rtol 1e-5, ato
 error measured by its largest element and the log-determinant scaled by 1e-2 (zuko's fixed
 choices; ``norm="max"``, ``trace_scale=1e-2`` here). pyroflows runs with direct
 back-propagation, with replayed (checkpointed) steps and with the adjoint. All train on the
-same batches, from their own initialisation, timed alternately step by step; NFE counts the
-dynamics network's evaluations per step (forward and backward, replays included). A ratio
-below 1 means pyroflows is faster.
+same batches, from their own initialisation, taking turns step by step; the ratio to zuko
+(below 1: pyroflows faster) is the median of the per-step ratios with their min-max spread.
+NFE counts the dynamics network's evaluations in the forward solve and in the backward pass
+(replays and adjoint solves; direct back-propagation instead runs one VJP per stored forward
+evaluation, marked "graph"). Peak memory of a training step is CUDA max allocated (GPU), or
+the peak of torch's CPU allocations during one step (CPU).
 After training, each model's exact-trace log-density at these tolerances is compared with a
 tight float64 solve ("log q error"): the accuracy each step time buys.
-Prints a table and writes benchmarks/results/cnf.json.
+Prints a table and writes benchmarks/results/cnf.json (cnf-cuda.json on CUDA).
 """
 
 from __future__ import annotations
@@ -113,35 +116,60 @@ def theirs(dim: int, exact: bool, device: torch.device) -> Contender:
 
 
 def run(contenders: dict, sample, steps: int, batch: int, device: torch.device) -> dict:
+    """Training steps, the contenders taking turns on each batch; per contender the median
+    step time, its per-step ratio to zuko (median, min-max), evaluations of the dynamics in
+    the forward solve and in the backward pass, peak memory of a step, accuracy."""
     optimizers = {k: torch.optim.Adam(c.model.parameters(), lr=1e-3) for k, c in contenders.items()}
     times = {k: [] for k in contenders}
-    nfe = {k: [] for k in contenders}
+    nfe = {k: ([], []) for k in contenders}
+    peak = dict.fromkeys(contenders, 0.0)
     generator = torch.Generator().manual_seed(0)
-    for step in range(steps + 2):
+
+    def step(name: str, c: Contender, x: torch.Tensor) -> tuple[int, int]:
+        before = c.counter.calls
+        loss = -c.log_prob(c.model, x).mean()
+        middle = c.counter.calls
+        optimizers[name].zero_grad()
+        loss.backward()
+        optimizers[name].step()
+        return middle - before, c.counter.calls - middle
+
+    for i in range(steps + 2):
         x = sample(batch, generator).to(device)
         for name, c in contenders.items():
-            before = c.counter.calls
+            common.sync(device)
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            loss = -c.log_prob(c.model, x).mean()
-            optimizers[name].zero_grad()
-            loss.backward()
-            optimizers[name].step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= 2:  # the first two steps warm up
-                times[name].append(1e3 * (time.perf_counter() - start))
-                nfe[name].append(c.counter.calls - before)
+            forward, backward = step(name, c, x)
+            common.sync(device)
+            if i >= 2:  # the first two steps warm up
+                times[name].append(time.perf_counter() - start)
+                nfe[name][0].append(forward)
+                nfe[name][1].append(backward)
+                if device.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**20)
+    if device.type == "cpu":  # one more step each, under the profiler's allocation record
+        x = sample(batch, generator).to(device)
+        for name, c in contenders.items():
+            peak[name] = common.cpu_peak_mib(lambda name=name, c=c: step(name, c, x))
     x = sample(batch, generator).to(device, torch.float64)
-    return {
-        k: {
-            "step_ms": statistics.median(times[k]),
-            "nfe": statistics.mean(nfe[k]),
+    out = {}
+    for k, c in contenders.items():
+        forward = statistics.mean(nfe[k][0])
+        backward = statistics.mean(nfe[k][1])
+        graph = isinstance(c.model, Continuous) and c.model._gradient_mode() == "direct"
+        out[k] = {
+            "step_ms": 1e3 * statistics.median(times[k]),
+            "ratio_to_zuko": common.ratio(times[k], times["zuko"]),
+            "nfe_forward": forward,
+            # direct: back-propagation through the stored graph, a VJP per forward evaluation
+            "nfe_backward": forward if graph else backward,
+            "backward": "graph" if graph else "evaluations",
+            "peak_mib": peak[k],
             "log_prob_error": log_prob_error(c, x),
         }
-        for k, c in contenders.items()
-    }
+    return out
 
 
 def log_prob_error(c: Contender, x: torch.Tensor) -> float:
@@ -161,13 +189,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
     targets = {"banana-2d": (2, banana), "mixture-16d": (16, mixture(16))}
     rows = []
     print(
-        f"{'target':13}{'trace':11}{'contender':19}{'ms/step':>9}{'NFE':>7}{'ratio':>7}"
-        f"{'log q error':>13}"
+        f"{'target':13}{'trace':11}{'contender':21}{'ms/step':>9}  {'vs zuko [spread]':19}"
+        f"{'NFE fwd+bwd':>13}{'peak MiB':>10}{'log q error':>13}"
     )
     for target, (dim, sample) in targets.items():
         for exact in (True, False):
@@ -180,22 +210,16 @@ def main() -> None:
             }
             result = run(contenders, sample, args.steps, args.batch, device)
             trace = "exact" if exact else "hutchinson"
-            for name, figures in result.items():
-                ratio = figures["step_ms"] / result["zuko"]["step_ms"]
-                rows.append(
-                    {
-                        "target": target,
-                        "dim": dim,
-                        "trace": trace,
-                        "contender": name,
-                        **figures,
-                        "ratio_to_zuko": ratio,
-                    }
-                )
+            for name, f in result.items():
+                rows.append({"target": target, "dim": dim, "trace": trace, "contender": name, **f})
+                mark = "*" if f["backward"] == "graph" else ""
+                evaluations = f"{f['nfe_forward']:.0f}+{f['nfe_backward']:.0f}{mark}"
                 print(
-                    f"{target:13}{trace:11}{name:19}{figures['step_ms']:9.1f}"
-                    f"{figures['nfe']:7.1f}{ratio:7.2f}{figures['log_prob_error']:13.2e}"
+                    f"{target:13}{trace:11}{name:21}{f['step_ms']:9.1f}  "
+                    f"{common.ratio_text(f['ratio_to_zuko']):19}{evaluations:>13}"
+                    f"{f['peak_mib']:10.1f}{f['log_prob_error']:13.2e}"
                 )
+    print("* back-propagation through the forward solve's stored graph")
     common.write(
         "cnf",
         device,

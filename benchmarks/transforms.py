@@ -1,18 +1,24 @@
 """Forward + log-det, back-propagation and inverse time per batch: pyroflows vs Pyro.
 
-    python benchmarks/transforms.py [--device cuda] [--dims 16 64] [--batch 1024]
+    python benchmarks/transforms.py [--device cuda] [--dims 16 64] [--batch 1024] [--rounds 7]
 
-Prints a table and writes benchmarks/results/transforms.json (device, versions, figures).
-A ratio below 1 means pyroflows is faster. The inverse (with its log-det) of points the flow
-did not produce is timed for both where Pyro has one (IAF); Pyro's planar, radial and
-Sylvester cannot invert such points, so only pyroflows' numerical inverse is timed there.
+Each round times ``--calls`` calls of pyroflows' layer and then of Pyro's; a figure is the
+median over rounds, and the ratio (below 1: pyroflows faster) is the median of the per-round
+ratios with their min-max spread. Peak memory is CUDA max allocated (GPU), or the peak of
+torch's CPU allocations during one call (CPU). Pyro's Sylvester builds a CPU matrix inside
+its forward and fails on CUDA; the JSON says so. Prints a table and writes
+benchmarks/results/transforms.json (transforms-cuda.json on CUDA).
+
+The inverse (with its log-det) of points the flow did not produce is timed for both where
+Pyro has one (IAF); Pyro's planar, radial and Sylvester cannot invert such points, so only
+pyroflows' numerical inverse is timed there.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
-import time
 from collections.abc import Callable
 
 import common
@@ -46,10 +52,11 @@ def workloads(
 ) -> dict[str, Callable | None]:
     torch.manual_seed(0)
     t = make().to(device)
-    x0 = torch.randn(batch, dim, device=device)
+    # new values each call, so that neither library's cache (nor a warm start) short-cuts it
+    points = itertools.cycle([torch.randn(batch, dim, device=device) for _ in range(5)])
 
     def forward():
-        x = x0.clone()  # a new tensor each call, so neither library's cache short-cuts it
+        x = next(points).clone()
         y = t(x)
         return y, t.log_abs_det_jacobian(x, y)
 
@@ -59,38 +66,48 @@ def workloads(
 
     def inverse():
         with torch.no_grad():
-            y = x0.clone()  # a point the flow did not produce
+            y = next(points).clone()  # a point the flow did not produce
             x = t.inv(y)
             return x, t.log_abs_det_jacobian(x, y)
 
     return {
-        "forward_ms": forward,
-        "forward_backward_ms": forward_backward,
-        "inverse_ms": inverse if invertible else None,
+        "forward": forward,
+        "forward+backward": forward_backward,
+        "inverse": inverse if invertible else None,
     }
 
 
-def compare(ours: dict, theirs: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
-    """Median milliseconds of each workload, the two implementations timed alternately."""
-    times: dict = {(who, k): [] for who in ("ours", "theirs") for k in ours}
-    for key in ours:
-        contenders = [(who, fn[key]) for who, fn in (("ours", ours), ("theirs", theirs))]
-        contenders = [(who, fn) for who, fn in contenders if fn is not None]
-        for _, fn in contenders:
-            for _ in range(5):
-                fn()
-        for _ in range(repeats):
-            for who, fn in contenders:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[who, key].append(1e3 * (time.perf_counter() - start))
-    a = {k: statistics.median(times["ours", k]) for k in ours}
-    b = {k: statistics.median(times["theirs", k]) if times["theirs", k] else None for k in ours}
-    return a, b
+def compare(ours: dict, theirs: dict, device: torch.device, args) -> dict:
+    """Per workload: each side's median ms per call, peak memory, and the median ratio with
+    its spread over rounds, the two sides taking turns within each round."""
+    out = {}
+    for key, mine in ours.items():
+        calls = {"pyroflows": mine}
+        if theirs.get(key) is not None:
+            calls["pyro"] = theirs[key]
+        for call in calls.values():
+            for _ in range(3):  # warm-up
+                call()
+        runs = common.alternate(calls, args.rounds, device, repeat=args.calls)
+        row = {}
+        for name, run in runs.items():
+            if device.type == "cpu":
+                run["peak_mib"] = common.cpu_peak_mib(calls[name])
+            row[name] = {"ms": 1e3 * statistics.median(run["seconds"]), "peak_mib": run["peak_mib"]}
+        if "pyro" in runs:
+            row["ratio"] = common.ratio(runs["pyroflows"]["seconds"], runs["pyro"]["seconds"])
+        out[key] = row
+    return out
+
+
+def pyro_fails(make: Callable, dim: int, device: torch.device) -> str | None:
+    """Why Pyro's layer cannot run here (its Sylvester builds a CPU identity matrix), or None."""
+    try:
+        t = make().to(device)
+        t(torch.randn(2, dim, device=device))
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return None
 
 
 def main() -> None:
@@ -98,43 +115,43 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20, help="calls per contender and round")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
     rows = []
-    columns = ("ours fwd", "pyro fwd", "ratio", "ours f+b", "pyro f+b", "ratio", "ours inv")
-    columns += ("pyro inv", "ratio")
-    widths = (11, 11, 7, 11, 11, 7, 11, 11, 7)
-    cells = (f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
-    print(f"{'family':24}{'dim':>5}" + "".join(cells))
+    print(f"{'family':24}{'dim':>5}  {'workload':21}{'ours ms':>9}{'pyro ms':>9}"
+          f"  {'ratio [spread]':20}{'ours MiB':>9}{'pyro MiB':>9}")  # fmt: skip
     for dim in args.dims:
         for family, (ours, theirs) in pairs(dim).items():
-            a, b = compare(
-                workloads(ours, dim, args.batch, device, invertible=True),
-                workloads(theirs, dim, args.batch, device, invertible=family == "iaf"),
-                device,
-                args.repeats,
-            )
-            ratios = {k: a[k] / b[k] if b[k] else None for k in a}
-            rows.append(
-                {
-                    "family": family,
-                    "dim": dim,
-                    "batch": args.batch,
-                    "pyroflows": a,
-                    "pyro": b,
-                    "forward_ratio": ratios["forward_ms"],
-                    "forward_backward_ratio": ratios["forward_backward_ms"],
-                    "inverse_ratio": ratios["inverse_ms"],
-                }
-            )
-            line = f"{family:24}{dim:5d}"
-            for key in a:
-                theirs_text = "-" if b[key] is None else f"{b[key]:9.3f}ms"
-                ratio_text = "-" if ratios[key] is None else f"{ratios[key]:.2f}"
-                line += f"{a[key]:9.3f}ms{theirs_text:>11}{ratio_text:>7}"
-            print(line)
-    common.write("transforms", device, {"rows": rows}, pyro=pyro.__version__)
+            failure = pyro_fails(theirs, dim, device)
+            peer = {} if failure else workloads(theirs, dim, args.batch, device, family == "iaf")
+            result = compare(workloads(ours, dim, args.batch, device, True), peer, device, args)
+            rows.append({"family": family, "dim": dim, "batch": args.batch,
+                         "pyro_fails": failure, "workloads": result})  # fmt: skip
+            for key, r in result.items():
+                theirs_r = r.get("pyro", {})
+                ratio = common.ratio_text(r.get("ratio"))
+                print(
+                    f"{family:24}{dim:5d}  {key:21}{r['pyroflows']['ms']:9.3f}"
+                    f"{theirs_r.get('ms', float('nan')):9.3f}  {ratio:20}"
+                    f"{_mib(r['pyroflows']['peak_mib'])}{_mib(theirs_r.get('peak_mib'))}"
+                )
+            if failure:
+                print(f"{'':29}pyro fails on {device.type}: {failure}")
+    common.write(
+        "transforms",
+        device,
+        {"settings": {"batch": args.batch, "rounds": args.rounds, "calls": args.calls},
+         "rows": rows},
+        pyro=pyro.__version__,
+    )  # fmt: skip
+
+
+def _mib(value: float | None) -> str:
+    return f"{'-':>9}" if value is None else f"{value:9.1f}"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,16 +79,32 @@ class MADE(nn.Module):
         self.layers = nn.ModuleList(MaskedLinear(a, b, mask) for (a, b), mask in pairs)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
+        return self.bind(context)(x)
+
+    def bind(self, context: Tensor | None = None) -> Callable[[Tensor], tuple[Tensor, ...]]:
+        """The network for one context, with the masks applied and the context's share of
+        the first layer computed once: for callers that pass several inputs (a sequential
+        inverse makes ``dim`` passes)."""
         first, *rest = self.layers
         weight = first.weight * first.mask
         if context is None:
-            x = F.linear(x, weight, first.bias)
+            first_weight, first_bias = weight, first.bias
         else:  # the context's term once per context, not once per sample: W [c; x] + b
             k = context.shape[-1]
-            x = F.linear(x, weight[:, k:]) + F.linear(context, weight[:, :k], first.bias)
-        for layer in rest:
-            x = F.linear(torch.relu(x), layer.weight * layer.mask, layer.bias)
-        return x.unflatten(-1, (self.outputs, self.dim)).unbind(-2)
+            first_weight, first_bias = weight[:, k:], F.linear(context, weight[:, :k], first.bias)
+        others = [(layer.weight * layer.mask, layer.bias) for layer in rest]
+        shape = (self.outputs, self.dim)
+
+        def run(x: Tensor) -> tuple[Tensor, ...]:
+            if context is None:
+                h = F.linear(x, first_weight, first_bias)
+            else:
+                h = F.linear(x, first_weight) + first_bias
+            for weight, bias in others:
+                h = F.linear(torch.relu(h), weight, bias)
+            return h.unflatten(-1, shape).unbind(-2)
+
+        return run
 
 
 def matvec(a: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:

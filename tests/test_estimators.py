@@ -204,3 +204,25 @@ def test_stopped_density_warm_starts_from_the_sample_and_keeps_the_gradients(nam
         for a, b in zip(grads[True], grads[False], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
         assert max(g.abs().max() for g in grads[True]) > 1e-3
+
+
+def test_inverse_without_gradients_at_the_last_output_reuses_the_input(monkeypatch):
+    """Without autograd there is nothing for the Newton step to attach: the inverse of a
+    recomputed copy of the last output is the cached input, with no sequential pass."""
+    t = Autoregressive(4, hidden_dims=(8,)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = t(x)
+    passes = []
+    sequential = Autoregressive._solve
+    monkeypatch.setattr(
+        Autoregressive, "_solve", lambda self, *a: passes.append(1) or sequential(self, *a)
+    )
+    with torch.no_grad():
+        x_again = t.inv(y.clone())
+        ladj = t.inv.log_abs_det_jacobian(y, x_again)
+    assert passes == []
+    torch.testing.assert_close(x_again, x)
+    torch.testing.assert_close(ladj, -t.log_abs_det_jacobian(x, y))
+    with torch.no_grad():  # a point the flow did not produce: the sequential solve
+        t.inv(torch.randn(5, 4, dtype=torch.float64))
+    assert passes == [1]

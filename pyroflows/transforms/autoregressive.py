@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +74,9 @@ class Autoregressive(Flow):
     def _warm_starts(self) -> bool:  # see _newton_step
         return self.direction == "iaf"
 
-    def _affine(self, c: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(σ, μ, log σ)`` given the conditioning input ``c``."""
-        m, s = self.net(c, context)
+    def _affine(self, c: Tensor, net: Callable) -> tuple[Tensor, Tensor, Tensor]:
+        """``(σ, μ, log σ)`` given the conditioning input ``c`` and the bound network."""
+        m, s = net(c)
         if self.stable:
             s = F.hardtanh(s + 2.0, -5.0, 5.0)  # bounded contraction: inverse stays finite
             gate = torch.sigmoid(s)
@@ -86,7 +86,7 @@ class Autoregressive(Flow):
 
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.direction == "iaf":
-            scale, shift, log_scale = self._affine(x, context)
+            scale, shift, log_scale = self._affine(x, self.net.bind(context))
             return torch.addcmul(shift, x, scale), log_scale.sum(-1)
         return self._solve(x, context, lambda scale, shift: torch.addcmul(shift, x, scale))
 
@@ -94,11 +94,11 @@ class Autoregressive(Flow):
         self, y: Tensor, context: Tensor | None, start: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         if self.direction == "maf":
-            scale, shift, log_scale = self._affine(y, context)
+            scale, shift, log_scale = self._affine(y, self.net.bind(context))
             return (y - shift) / scale, -log_scale.sum(-1)
         if start is not None:
             x = self._newton_step(y, context, start)
-            return x, -self._affine(x, context)[2].sum(-1)
+            return x, -self._affine(x, self.net.bind(context))[2].sum(-1)
         x, ladj = self._solve(y, context, lambda scale, shift: (y - shift) / scale)
         return x, -ladj
 
@@ -112,9 +112,10 @@ class Autoregressive(Flow):
         comes from ``dim`` vector-Jacobian products in one batched call, without a graph.
         """
         start = start.detach()
+        net = self.net.bind(context)
 
         def forward(x: Tensor) -> Tensor:
-            scale, shift, _ = self._affine(x, context)
+            scale, shift, _ = self._affine(x, net)
             return torch.addcmul(shift, x, scale)
 
         with torch.no_grad():
@@ -137,7 +138,8 @@ class Autoregressive(Flow):
         spread NaN to coordinates that never depend on it.
         """
         out = torch.zeros_like(value)
+        net = self.net.bind(context)
         for position in self._order:
-            scale, shift, log_scale = self._affine(out, context)
+            scale, shift, log_scale = self._affine(out, net)
             out = torch.where(position, update(scale, shift), out)
         return out, log_scale.sum(-1)

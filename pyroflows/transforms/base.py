@@ -131,6 +131,10 @@ class _CachedBijection(Transform):
         _checks.event("y", y, flow.dim)
         params = flow._resolve_params(self._context)
         start = self._warm_start(y) if flow._warm_starts else None
+        if start is not None and not torch.is_grad_enabled():  # no gradients to attach
+            x, ladj = start, -self._last[2]
+            self._store(x, y, -ladj)
+            return x, ladj
         solve = flow._backward if start is None else partial(flow._backward, start=start)
         x, ladj = _finite_rows(solve, y, params) if flow._solves_backward else solve(y, params)
         self._store(x, y, -ladj)
