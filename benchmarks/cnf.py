@@ -12,8 +12,8 @@ same batches, from their own initialisation, taking turns step by step; the rati
 (below 1: pyroflows faster) is the median of the per-step ratios with their min-max spread.
 NFE counts the dynamics network's evaluations in the forward solve and in the backward pass
 (replays and adjoint solves; direct back-propagation instead runs one VJP per stored forward
-evaluation, marked "graph"). Peak memory of a training step is CUDA max allocated (GPU), or
-the peak of torch's CPU allocations during one step (CPU).
+evaluation, marked "graph"). Peak memory of a training step is CUDA max allocated above what
+was allocated before it (GPU), or the peak of torch's CPU allocations during one step (CPU).
 After training, each model's exact-trace log-density at these tolerances is compared with a
 tight float64 solve ("log q error"): the accuracy each step time buys.
 Prints a table and writes benchmarks/results/cnf.json (cnf-cuda.json on CUDA).
@@ -137,9 +137,7 @@ def run(contenders: dict, sample, steps: int, batch: int, device: torch.device) 
     for i in range(steps + 2):
         x = sample(batch, generator).to(device)
         for name, c in contenders.items():
-            common.sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            before = common.cuda_peak_reset(device)
             start = time.perf_counter()
             forward, backward = step(name, c, x)
             common.sync(device)
@@ -148,7 +146,7 @@ def run(contenders: dict, sample, steps: int, batch: int, device: torch.device) 
                 nfe[name][0].append(forward)
                 nfe[name][1].append(backward)
                 if device.type == "cuda":
-                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**20)
+                    peak[name] = max(peak[name], common.cuda_peak_mib(device, before))
     if device.type == "cpu":  # one more step each, under the profiler's allocation record
         x = sample(batch, generator).to(device)
         for name, c in contenders.items():

@@ -39,24 +39,38 @@ def alternate(
     each round so that drift of a shared machine hits all alike.
 
     Returns ``{name: {"seconds": [seconds per call, one per round], "peak_mib": ...}}``;
-    ``peak_mib`` is the most CUDA memory allocated during any round (None on CPU, where
-    :func:`cpu_peak_mib` measures it).
+    ``peak_mib`` is the most CUDA memory allocated during any round above what was allocated
+    before it (None on CPU, where :func:`cpu_peak_mib` measures it).
     """
     out = {name: {"seconds": [], "peak_mib": None} for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            before = cuda_peak_reset(device)
             start = time.perf_counter()
             for _ in range(repeat):
                 call()
             sync(device)
             out[name]["seconds"].append((time.perf_counter() - start) / repeat)
             if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                peak = cuda_peak_mib(device, before)
                 out[name]["peak_mib"] = max(out[name]["peak_mib"] or 0.0, peak)
     return out
+
+
+def cuda_peak_reset(device: torch.device) -> float:
+    """Synchronise, restart CUDA's peak statistic and return the bytes allocated now (0 on
+    CPU), for :func:`cuda_peak_mib`."""
+    sync(device)
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def cuda_peak_mib(device: torch.device, before: float) -> float:
+    """CUDA's peak allocation since :func:`cuda_peak_reset` above what was allocated then
+    (other contenders' resident tensors do not count), in MiB."""
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def ratio(times: list[float], base: list[float]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ per-round ratio to the peer of the same family: ``AutoIAFNormal`` for ``iaf``,
 recipes, and ``AutoMultivariateNormal`` as the floor. Every contender uses Pyro's
 ``Trace_ELBO`` with vectorized particles, Pyro's fastest path for these guides. Peak memory
 is the RSS growth of a fresh process over the guide's construction and ``--steps`` steps (CPU),
-or CUDA max allocated (GPU).
+or CUDA max allocated during the steps above what was allocated before them (GPU).
 Prints a table and writes benchmarks/results/guides.json.
 """
 
@@ -167,38 +167,42 @@ def _svi(model, make, label: str, device) -> SVI:
 def bench(posterior: str, rounds: int, steps: int, device) -> dict:
     pyro.clear_param_store()
     model, _ = POSTERIORS[posterior](device)
-    runs = []
+    runs, failures = [], {}
     for label, family, make in contenders(model):
-        svi = _svi(model, make, label, device)
+        try:
+            svi = _svi(model, make, label, device)
+        except RuntimeError as error:  # Pyro's Sylvester builds a CPU matrix: fails on CUDA
+            if not label.startswith("pyro "):
+                raise
+            failures[label] = str(error).splitlines()[0]
+            continue
         for _ in range(2):
             svi.step()
         runs.append({"label": label, "family": family, "svi": svi, "times": [], "mem": 0.0})
     for _ in range(rounds):
         for run in runs:  # alternate contenders within each round
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+            before = common.cuda_peak_reset(device)
             start = time.perf_counter()
             for _ in range(steps):
                 run["svi"].step()
+            common.sync(device)
             if device.type == "cuda":
-                torch.cuda.synchronize()
-                run["mem"] = max(run["mem"], torch.cuda.max_memory_allocated() / 2**20)
+                run["mem"] = max(run["mem"], common.cuda_peak_mib(device, before))
             run["times"].append((time.perf_counter() - start) / steps)
     if device.type == "cpu":
         for run in runs:
             run["mem"] = step_memory(posterior, run["label"], steps)
     peers = {r["family"]: r for r in runs if r["label"].startswith("pyro ")}
-    out = {}
+    out = {label: {"fails": reason} for label, reason in failures.items()}
     for run in runs:
-        peer = peers[run["family"]]
-        ratios = [a / b for a, b in zip(run["times"], peer["times"], strict=True)]
+        peer = peers.get(run["family"])
+        ratio = common.ratio(run["times"], peer["times"]) if peer else None
         out[run["label"]] = {
             "family": run["family"],
-            "peer": peer["label"],
+            "peer": peer["label"] if peer else None,
             "step_ms": 1e3 * statistics.median(run["times"]),
-            "ratio_to_peer": statistics.median(ratios),
-            "ratio_spread": [min(ratios), max(ratios)],
+            "ratio_to_peer": ratio and ratio["median"],
+            "ratio_spread": ratio and ratio["spread"],
             "peak_mib": run["mem"],
         }
     return out
@@ -254,7 +258,13 @@ def _sync(device) -> None:
 def _table(title: str, rows: dict) -> None:
     print(f"\n{title} [spread]")
     for label, r in rows.items():
+        if "fails" in r:
+            print(f"  {label:30s} fails here: {r['fails']}")
+            continue
         ratio = r.get("ratio_to_peer", r.get("ratio_to_standard"))
+        if ratio is None:
+            print(f"  {label:30s} {r['step_ms']:8.2f}  (no peer here)")
+            continue
         lo, hi = r["ratio_spread"]
         memory = f"  peak {r['peak_mib']:.1f} MiB" if "peak_mib" in r else ""
         print(f"  {label:30s} {r['step_ms']:8.2f}  {ratio:.2f} [{lo:.2f}-{hi:.2f}]{memory}")

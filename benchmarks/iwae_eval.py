@@ -19,7 +19,8 @@ Two cases: ``--image-batch`` images per call over ``--images`` images (pyroflows
 torch loop), and one image per call over ``--single-images`` images (all but Importance).
 Within a case the contenders take turns for ``--rounds`` rounds; each figure is the median
 time per image with the min-max spread of the per-round ratio to the torch loop. Peak memory
-is CUDA max allocated (GPU), or the peak of torch's CPU allocations during one call (CPU).
+is CUDA max allocated above what was allocated before (GPU), or the peak of torch's CPU
+allocations during one call (CPU).
 
 Reads ../shared/data/binarized_mnist.npz or ``--data`` (skips with a message where absent);
 prints a table and writes benchmarks/results/iwae_eval.json (iwae_eval-cuda.json on CUDA).

@@ -4,10 +4,10 @@
 
 Each round times ``--calls`` calls of pyroflows' layer and then of Pyro's; a figure is the
 median over rounds, and the ratio (below 1: pyroflows faster) is the median of the per-round
-ratios with their min-max spread. Peak memory is CUDA max allocated (GPU), or the peak of
-torch's CPU allocations during one call (CPU). Pyro's Sylvester builds a CPU matrix inside
-its forward and fails on CUDA; the JSON says so. Prints a table and writes
-benchmarks/results/transforms.json (transforms-cuda.json on CUDA).
+ratios with their min-max spread. Peak memory is CUDA max allocated above what was allocated
+before (GPU), or the peak of torch's CPU allocations during one call (CPU). Pyro's Sylvester
+builds a CPU matrix inside its forward and fails on CUDA; the JSON says so. Prints a table
+and writes benchmarks/results/transforms.json (transforms-cuda.json on CUDA).
 
 The inverse (with its log-det) of points the flow did not produce is timed for both where
 Pyro has one (IAF); Pyro's planar, radial and Sylvester cannot invert such points, so only
