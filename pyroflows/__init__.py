@@ -1,8 +1,21 @@
 """Normalizing flows for variational inference in Pyro."""
 
-from . import flows, infer, transforms
+from . import diagnostics, flows, infer, targets, transforms
 from .autoguide import AmortizedFlowGuide, AutoFlow
+from .fit import FitResult, fit
 from .flows import build
 
 __version__ = "0.1.0"
-__all__ = ["AmortizedFlowGuide", "AutoFlow", "__version__", "build", "flows", "infer", "transforms"]
+__all__ = [
+    "AmortizedFlowGuide",
+    "AutoFlow",
+    "FitResult",
+    "__version__",
+    "build",
+    "diagnostics",
+    "fit",
+    "flows",
+    "infer",
+    "targets",
+    "transforms",
+]

@@ -1,0 +1,229 @@
+"""Fit a flow to an unnormalised log density by reverse KL, then say how far to trust it.
+
+``fit`` minimises ``E_q[log q(x) - β log p(x)]`` (β = 1 after an optional warm-up from 0)
+over a flow ``q`` pushed forward from ``N(0, I)``, and returns the fitted ``q`` with its loss
+curve and :class:`~pyroflows.diagnostics.ImportanceDiagnostics` (log Z, PSIS k-hat, ESS).
+
+Non-finite values follow one policy: the fit stops *before* the update of the step where
+``log p`` is NaN, ``+inf`` or ``-inf`` at a draw (``-inf``: ``q`` puts mass outside the support
+of ``p``, where reverse KL is infinite; map constrained coordinates to an unconstrained space
+first, or write the target as a Pyro model and use :class:`~pyroflows.AutoFlow`, which does)
+or where the loss or a gradient is not finite. It keeps the last good parameters, says why in
+``FitResult.stopped`` (the step, how many draws, one of them) and warns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from tqdm.auto import trange
+
+from . import _checks, diagnostics
+from .flows import RECIPES, build
+from .targets import Target
+from .targets import target as make_target
+
+ESTIMATORS = ("plain", "stl")
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+SCHEDULES = ("constant", "cosine")
+# layers where none are given: a continuous-time flow is deep on its own
+DEFAULT_LAYERS = {"cnf": 1, "iaf": 4, "maf": 4}
+FALLBACK_LAYERS = 6
+
+
+class _Density(nn.Module):
+    """``log q`` as a module, so that it can be called with swapped (stopped) parameters."""
+
+    def __init__(self, base: dist.Distribution, transform: nn.Module) -> None:
+        super().__init__()
+        self.base, self.transform = base, transform
+
+    def distribution(self) -> dist.TransformedDistribution:
+        return dist.TransformedDistribution(self.base, [self.transform])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.distribution().log_prob(x)
+
+
+@dataclass
+class FitResult:
+    """A fitted flow ``q`` with its record; ``q`` samples and scores like any distribution."""
+
+    q: dist.TransformedDistribution
+    log_density: Callable[[Tensor], Tensor]
+    losses: list[float]
+    diagnostics: diagnostics.ImportanceDiagnostics
+    stopped: str | None = None  # why the fit ended before its last step
+    _eval: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def sample(self, shape: tuple[int, ...] = ()) -> Tensor:
+        with torch.no_grad():
+            return self.q.sample(shape)
+
+    def resample(self, num_samples: int | None = None) -> Tensor:
+        """Draws debiased towards ``p``: the evaluation draws resampled by their PSIS
+        weights (see :func:`pyroflows.diagnostics.resample`)."""
+        x, log_p, log_q = self._evaluation()
+        return diagnostics.resample(x, log_p, log_q, num_samples)
+
+    def to_inference_data(self, name: str = "x") -> Any:
+        """The evaluation draws as arviz ``InferenceData`` (see
+        :func:`pyroflows.diagnostics.to_inference_data`)."""
+        return diagnostics.to_inference_data(*self._evaluation(), name=name)
+
+    def _evaluation(self) -> tuple[Tensor, Tensor, Tensor]:
+        assert self._eval is not None
+        return self._eval
+
+
+def fit(
+    target: str | Target | Callable[[Tensor], Tensor],
+    flow: str = "realnvp",
+    *,
+    dim: int | None = None,
+    num_layers: int | None = None,
+    steps: int = 2000,
+    particles: int = 256,
+    lr: float = 3e-3,
+    optimizer: str = "adam",
+    schedule: str = "cosine",
+    estimator: str = "plain",
+    warmup_steps: int = 0,
+    num_eval: int = 10_000,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **flow_options: Any,
+) -> FitResult:
+    """Fit the recipe ``flow`` to ``target`` by reverse KL.
+
+    ``target`` is a name in :data:`pyroflows.targets.TARGETS` (with ``dim`` for the sized
+    ones), a :class:`~pyroflows.targets.Target`, or any batched log density ``x ↦ log p(x)``
+    for ``x`` of shape ``(particles, dim)`` (then ``dim`` is required; it must work on
+    ``device``). ``particles`` draws per step; ``optimizer`` ``"adam"`` or ``"adamw"`` at
+    ``lr`` with a ``"cosine"`` (to zero) or ``"constant"`` schedule; ``estimator`` ``"plain"``
+    or ``"stl"`` (sticking the landing: the gradient through the draws only, Roeder et al.,
+    2017); ``warmup_steps`` raises β from 0 to 1 (tempering from the broad base);
+    ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
+    to :func:`pyroflows.build`. See the module docstring for non-finite values.
+
+    >>> r = fit("banana", "realnvp", num_layers=2, steps=50, num_eval=500, progress=False)
+    >>> r.q.sample((3,)).shape, len(r.losses)
+    (torch.Size([3, 2]), 50)
+    """
+    _checks.one_of("flow", flow, RECIPES)
+    log_p, dim = _resolve(target, dim)
+    steps = _checks.positive_int("steps", steps)
+    particles = _checks.positive_int("particles", particles)
+    lr = _checks.positive_number("lr", lr)
+    _checks.one_of("optimizer", optimizer, OPTIMIZERS)
+    _checks.one_of("schedule", schedule, SCHEDULES)
+    _checks.one_of("estimator", estimator, ESTIMATORS)
+    warmup_steps = _checks.nonnegative_int("warmup_steps", warmup_steps)
+    num_eval = _checks.positive_int("num_eval", num_eval)
+    device = _checks.device("device", device)
+    if isinstance(log_p, nn.Module):
+        log_p = log_p.to(device)
+    layers = num_layers or DEFAULT_LAYERS.get(flow, FALLBACK_LAYERS)
+
+    torch.manual_seed(seed)
+    transform = build(flow, dim, layers, **flow_options).to(device)
+    density = _Density(dist.Normal(torch.zeros(dim, device=device), 1.0).to_event(1), transform)
+    q = density.distribution()
+    opt = OPTIMIZERS[optimizer](transform.parameters(), lr=lr)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        if schedule == "cosine"
+        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    )
+    losses: list[float] = []
+    stopped = None
+    bar = trange(steps, disable=not progress, desc=f"fitting {flow}")
+    for step in bar:
+        x = q.rsample((particles,))
+        if estimator == "stl":
+            stopped_params = {k: v.detach() for k, v in density.named_parameters()}
+            log_q = torch.func.functional_call(density, stopped_params, (x,))
+        else:
+            log_q = q.log_prob(x)
+        target_values = log_p(x)
+        problem = _check_step(step, x, target_values, log_q)
+        if problem is None:
+            beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+            loss = (log_q - beta * target_values).mean()
+            opt.zero_grad()
+            loss.backward()
+            problem = _check_update(step, loss, transform)
+        if problem is not None:
+            stopped = problem
+            warnings.warn(f"fit stopped: {problem}", RuntimeWarning, stacklevel=2)
+            break
+        opt.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    with torch.no_grad():
+        x = q.sample((num_eval,))
+        log_q, values = q.log_prob(x), log_p(x)
+    report = diagnostics.importance_diagnostics(values, log_q, warn=False)
+    if report.verdict == "unreliable":
+        warnings.warn(diagnostics.unreliable_message(report.k_hat), RuntimeWarning, stacklevel=2)
+    result = FitResult(q, log_p, losses, report, stopped)
+    result._eval = (x, values, log_q)
+    return result
+
+
+def _resolve(target: object, dim: int | None) -> tuple[Callable[[Tensor], Tensor], int]:
+    if isinstance(target, str):
+        made = make_target(target, dim)
+        return made.log_prob, made.dim
+    if isinstance(target, Target):
+        if dim is not None and dim != target.dim:
+            raise ValueError(f"dim is {dim} but the target's dimension is {target.dim}")
+        return target, target.dim
+    if callable(target):
+        if dim is None:
+            raise ValueError("dim is required when target is a log density function")
+        return target, _checks.positive_int("dim", dim)
+    raise ValueError(
+        "target must be a target name, a pyroflows.targets.Target or a log density "
+        f"function, got {type(target).__name__}"
+    )
+
+
+def _check_step(step: int, x: Tensor, log_p: Tensor, log_q: Tensor) -> str | None:
+    """A reason to stop before this step's update, if any."""
+    if not isinstance(log_p, Tensor) or log_p.shape != x.shape[:-1]:
+        got = tuple(log_p.shape) if isinstance(log_p, Tensor) else type(log_p).__name__
+        raise ValueError(
+            f"the log density must return a tensor of shape {tuple(x.shape[:-1])} for draws of "
+            f"shape {tuple(x.shape)}, got {got}"
+        )
+    bad = ~torch.isfinite(log_p)
+    if bool(bad.any()):
+        where = x[bad.nonzero()[0, 0]].tolist()
+        value, count = log_p[bad][0].item(), int(bad.sum())
+        outside = " (outside its support: map to an unconstrained space)" if value < 0 else ""
+        return f"log p is {value}{outside} at {count} draw(s) of step {step}, e.g. x = {where}"
+    if not bool(torch.isfinite(log_q).all()):
+        return f"log q is not finite at step {step}: the flow diverged; lower lr"
+    return None
+
+
+def _check_update(step: int, loss: Tensor, transform: nn.Module) -> str | None:
+    if not torch.isfinite(loss):
+        return f"the loss is {loss.item()} at step {step}"
+    for name, p in transform.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"the gradient of {name} is not finite at step {step}; lower lr"
+    return None
