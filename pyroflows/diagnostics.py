@@ -114,6 +114,21 @@ def unreliable_message(k_hat: float) -> str:
     )
 
 
+def sliced_wasserstein(x: Tensor, y: Tensor, num_projections: int = 256) -> float:
+    """Sliced 2-Wasserstein distance between equal-size samples ``(n, dim)``: the root mean
+    over random directions of the squared 1-D transport cost between the projections."""
+    if x.shape != y.shape or x.dim() != 2:
+        raise ValueError(
+            f"x and y must be samples of the same shape (n, dim), got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    directions = torch.randn(x.shape[-1], num_projections, dtype=x.dtype, device=x.device)
+    directions = directions / directions.norm(dim=0)
+    a, _ = (x @ directions).sort(0)
+    b, _ = (y.to(x) @ directions).sort(0)
+    return (a - b).square().mean().sqrt().item()
+
+
 def resample(
     samples: Tensor, log_p: Tensor, log_q: Tensor, num_samples: int | None = None
 ) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -29,6 +30,20 @@ def test_fit_finds_log_z_of_a_rotated_ill_conditioned_gaussian(estimator):
     assert len(r.losses) == 300 and r.losses[-1] < r.losses[0] and r.stopped is None
     x = r.sample((5,))
     assert x.shape == (5, 2) and r.q.log_prob(x).shape == (5,)
+    exact = r.against_exact(4000)
+    assert exact["forward_kl"] < 0.02 and exact["sliced_wasserstein"] < 0.2
+
+
+def test_forward_kl_against_exact_draws_shows_the_mode_a_reverse_kl_fit_dropped():
+    """Two modes 24 standard deviations apart: the fit keeps one, PSIS sees nothing wrong
+    (k-hat below 0.7), the forward KL from exact draws is in the hundreds."""
+    two = pf.targets.GaussianMixture(torch.tensor([[-6.0, 0.0], [6.0, 0.0]]), 0.5)
+    r = pf.fit(two, "realnvp", steps=300, **SMALL, **SMALL_NET)
+    exact = r.against_exact(4000)
+    assert r.diagnostics.k_hat < 0.7
+    assert exact["forward_kl"] > 10 and exact["sliced_wasserstein"] > 1
+    with pytest.raises(ValueError, match=r"needs a pyroflows\.targets\.Target"):
+        pf.fit(lambda x: -x.square().sum(-1), "planar", dim=2, steps=1, **SMALL).against_exact()
 
 
 def test_fit_takes_names_and_functions_and_checks_its_arguments():
@@ -118,6 +133,41 @@ def test_inference_data_holds_the_draws_and_their_weights():
     assert idata.posterior["x"].shape == (1, 300, 2)
     assert set(idata.sample_stats.data_vars) == {"log_p", "log_q", "log_importance_ratio"}
     assert r.resample(50).shape == (50, 2)
+
+
+def test_sample_command_writes_draws_diagnostics_and_figures(tmp_path, capsys):
+    import json
+
+    import arviz as az
+
+    from pyroflows.cli import main
+
+    for name, dim in (("banana", None), ("funnel", 3)):
+        out = tmp_path / name
+        args = ["sample", "--target", name, "--flow", "planar", "--layers", "2", "--steps", "5"]
+        args += ["--num-eval", "300", "--out", str(out)] + (["--dim", str(dim)] if dim else [])
+        with warnings.catch_warnings():  # five steps: a poor fit, which may warn
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert "PSIS k-hat" in printed and "standard errors" in printed
+        report = json.loads((out / "diagnostics.json").read_text())
+        assert report["verdict"] in ("good", "usable", "unreliable") and report["steps"] == 5
+        assert {"forward_kl", "sliced_wasserstein", "k_hat", "ess"} <= set(report)
+        idata = az.from_netcdf(str(out / "samples.nc"))
+        assert idata.posterior["x"].shape == (1, 300, dim or 2)
+        assert (out / "fit.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+
+
+def test_sample_command_refuses_bad_input(capsys):
+    from pyroflows.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sample", "--target", "nowhere", "--out", "x"])
+    assert "invalid choice: 'nowhere' (choose from 'u1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--target", "u1", "--dim", "3", "--out", "x"])
+    assert "fixed dimension" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

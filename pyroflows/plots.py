@@ -1,0 +1,88 @@
+"""Figures of a reverse-KL fit, written to files with matplotlib (no display needed).
+
+>>> import pyroflows as pf, tempfile, pathlib
+>>> r = pf.fit("banana", "planar", num_layers=2, steps=5, num_eval=200, progress=False)
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> plot_fit(r, folder / "fit.png"); plot_losses(r.losses, folder / "loss.png")
+>>> sorted(p.name for p in folder.iterdir())
+['fit.png', 'loss.png']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .fit import FitResult
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _box(samples: Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The central 99.5 % of the draws in each of the first two coordinates, padded."""
+    lo = torch.quantile(samples[:, :2], 0.0025, dim=0)
+    hi = torch.quantile(samples[:, :2], 0.9975, dim=0)
+    pad = 0.15 * (hi - lo)
+    lo, hi = (lo - pad).tolist(), (hi + pad).tolist()
+    return (lo[0], hi[0]), (lo[1], hi[1])
+
+
+def plot_fit(result: FitResult, path: str | Path, num_points: int = 2000) -> None:
+    """Target density, fitted density and the fit's draws side by side for a 2-D target;
+    for more coordinates, the draws' first two coordinates and the importance-resampled
+    ones (closer to the target when k-hat < 0.7)."""
+    plt = _pyplot()
+    x, _, _ = result._evaluation()
+    x = x.detach().cpu().double()
+    shown = x[:num_points]
+    (x0, x1), (y0, y1) = _box(x)
+    if x.shape[-1] == 2:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+        axis_x = torch.linspace(x0, x1, 200, dtype=torch.float64)
+        axis_y = torch.linspace(y0, y1, 200, dtype=torch.float64)
+        grid = torch.stack(torch.meshgrid(axis_x, axis_y, indexing="xy"), -1)
+        flat = grid.reshape(-1, 2).to(result.q.base_dist.mean)
+        with torch.no_grad():
+            log_p = result.log_density(flat).double().cpu()
+            log_q = result.q.log_prob(flat).double().cpu()
+        for ax, values, title in ((axes[0], log_p, "target p"), (axes[1], log_q, "fitted q")):
+            density = (values - values.max()).exp().reshape(200, 200)
+            ax.pcolormesh(grid[..., 0], grid[..., 1], density, cmap="viridis", shading="auto")
+            ax.set(title=f"{title} (density / its maximum)")
+        axes[2].scatter(*shown.T, s=2, alpha=0.4)
+        axes[2].set(title=f"{len(shown)} draws of q")
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+        axes[0].scatter(shown[:, 0], shown[:, 1], s=2, alpha=0.4)
+        axes[0].set(title="draws of q (coordinates 0, 1)")
+        resampled = result.resample(len(shown)).detach().cpu()
+        axes[1].scatter(resampled[:, 0], resampled[:, 1], s=2, alpha=0.4, color="C1")
+        axes[1].set(title="importance-resampled draws")
+    for ax in axes:
+        ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="x0", ylabel="x1")
+    fig.suptitle(str(result.diagnostics), fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_losses(losses: Sequence[float], path: str | Path) -> None:
+    """The loss ``E_q[log q - β log p]`` per step (its minimum is ``-log Z``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(len(losses)), losses, linewidth=0.8)
+    if losses:
+        low, high = sorted(losses)[0], sorted(losses)[int(0.95 * (len(losses) - 1))]
+        ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
+    ax.set(xlabel="step", ylabel="loss: E_q[log q - log p]", title="reverse-KL fit")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
