@@ -28,10 +28,20 @@ def _pyplot():
     return plt
 
 
-def _box(samples: Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The central 99.5 % of the draws in each of the first two coordinates, padded."""
+def _box(samples: Tensor, log_density=None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The central 99.5 % of the draws in the first two coordinates; for a 2-D target, also
+    where its log density is within 12 of its maximum on a wide coarse grid (modes that
+    ``q`` missed stay in view). Padded by 15 %."""
     lo = torch.quantile(samples[:, :2], 0.0025, dim=0)
     hi = torch.quantile(samples[:, :2], 0.9975, dim=0)
+    if log_density is not None:
+        reach = max(3 * (hi - lo).abs().max().item(), 12.0)
+        axis = torch.linspace(-reach, reach, 241, dtype=torch.float64)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+        with torch.no_grad():
+            values = log_density(grid.to(samples.dtype)).double()
+        near = grid[values > values.max() - 12]
+        lo, hi = torch.minimum(lo, near.min(0).values), torch.maximum(hi, near.max(0).values)
     pad = 0.15 * (hi - lo)
     lo, hi = (lo - pad).tolist(), (hi + pad).tolist()
     return (lo[0], hi[0]), (lo[1], hi[1])
@@ -43,15 +53,16 @@ def plot_fit(result: FitResult, path: str | Path, num_points: int = 2000) -> Non
     ones (closer to the target when k-hat < 0.7)."""
     plt = _pyplot()
     x, _, _ = result._evaluation()
+    anchor = result.q.base_dist.mean
     x = x.detach().cpu().double()
     shown = x[:num_points]
-    (x0, x1), (y0, y1) = _box(x)
     if x.shape[-1] == 2:
+        (x0, x1), (y0, y1) = _box(x, lambda g: result.log_density(g.to(anchor)).cpu())
         fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
         axis_x = torch.linspace(x0, x1, 200, dtype=torch.float64)
         axis_y = torch.linspace(y0, y1, 200, dtype=torch.float64)
         grid = torch.stack(torch.meshgrid(axis_x, axis_y, indexing="xy"), -1)
-        flat = grid.reshape(-1, 2).to(result.q.base_dist.mean)
+        flat = grid.reshape(-1, 2).to(anchor)
         with torch.no_grad():
             log_p = result.log_density(flat).double().cpu()
             log_q = result.q.log_prob(flat).double().cpu()
@@ -62,6 +73,7 @@ def plot_fit(result: FitResult, path: str | Path, num_points: int = 2000) -> Non
         axes[2].scatter(*shown.T, s=2, alpha=0.4)
         axes[2].set(title=f"{len(shown)} draws of q")
     else:
+        (x0, x1), (y0, y1) = _box(x)
         fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
         axes[0].scatter(shown[:, 0], shown[:, 1], s=2, alpha=0.4)
         axes[0].set(title="draws of q (coordinates 0, 1)")
