@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import pyro
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import init_to_feasible, init_to_median
 from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import biject_to
@@ -37,6 +38,30 @@ def _autoguide_options(flow: str, dim: int, options: dict[str, Any]) -> dict[str
     if flow in ("iaf", "maf") and "hidden_dims" not in options:
         options = {**options, "hidden_dims": (3 * dim + 1,)}
     return options
+
+
+def _feasible(site: dict) -> Tensor:
+    """Pyro's ``init_to_feasible``, also for distributions that cannot sample (such as
+    ``ImproperUniform``, the usual base of a ``pyro.factor`` model): the image of zero in
+    unconstrained space, of the site's shape."""
+    try:
+        return init_to_feasible(site)
+    except NotImplementedError:
+        fn = site["fn"]
+        transform = biject_to(fn.support)
+        shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
+        return transform(torch.zeros(shape))
+
+
+def init_to_median_or_feasible(site: dict | None = None, num_samples: int = 15) -> Any:
+    """AutoFlow's default placement: Pyro's ``init_to_median``, falling back to
+    :func:`_feasible` where the site's distribution cannot be sampled."""
+    if site is None:
+        return partial(init_to_median_or_feasible, num_samples=num_samples)
+    try:
+        return init_to_median(site, num_samples=num_samples, fallback=_feasible)
+    except NotImplementedError:  # raised past init_to_median's own fallback
+        return _feasible(site)
 
 
 class AutoFlow(AutoContinuous):
@@ -66,7 +91,7 @@ class AutoFlow(AutoContinuous):
         flow: str = "iaf",
         num_layers: int | None = None,
         *,
-        init_loc_fn: Callable = init_to_median,
+        init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 1.0,
         **flow_options: Any,
     ) -> None:

@@ -108,7 +108,7 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--steps", type=_positive_int, default=2000, help="default: %(default)s")
     sample.add_argument("--particles", type=_positive_int, default=256, help="draws per step")
     sample.add_argument("--lr", type=float, default=3e-3, help="default: %(default)s")
-    sample.add_argument("--estimator", default="plain", choices=["plain", "stl"])
+    sample.add_argument("--estimator", default="standard", choices=["standard", "stl"])
     sample.add_argument(
         "--warmup-steps", type=int, default=0, help="steps of tempering from 0 (default: 0)"
     )

@@ -141,16 +141,20 @@ def resample(
     return samples[keep][index.to(samples.device)]
 
 
-def to_inference_data(samples: Tensor, log_p: Tensor, log_q: Tensor, name: str = "x") -> Any:
-    """An arviz ``InferenceData`` (a ``DataTree`` with arviz 1.x): the draws as one chain of
-    the posterior variable ``name`` (``(1, draws, dim)``), and ``log_p``, ``log_q`` and the
-    log importance ratio in ``sample_stats``."""
+def to_inference_data(
+    samples: Tensor | dict[str, Tensor], log_p: Tensor, log_q: Tensor, name: str = "x"
+) -> Any:
+    """An arviz ``InferenceData`` (a ``DataTree`` with arviz 1.x) with the draws as one
+    chain: a tensor ``(draws, dim)`` as the posterior variable ``name``, or a dict of site
+    values ``(draws, *shape)`` by site; ``log_p``, ``log_q`` and the log importance ratio in
+    ``sample_stats``."""
     import arviz as az
 
     def as_array(t: Tensor) -> np.ndarray:
         return t.detach().cpu().numpy()[None]
 
-    posterior = {name: as_array(samples)}
+    draws = samples if isinstance(samples, dict) else {name: samples}
+    posterior = {site: as_array(value) for site, value in draws.items()}
     stats = {
         "log_p": as_array(log_p),
         "log_q": as_array(log_q),

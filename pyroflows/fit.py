@@ -14,6 +14,7 @@ or where the loss or a gradient is not finite. It keeps the last good parameters
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +22,19 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.infer.autoguide.initialization import InitMessenger
 from torch import Tensor, nn
 from tqdm.auto import trange
 
 from . import _checks, diagnostics
+from .autoguide import init_to_median_or_feasible
+from .fit_model import fit_model, weighted_draws
 from .flows import RECIPES, build
 from .targets import Target
 from .targets import target as make_target
 
-ESTIMATORS = ("plain", "stl")
+ESTIMATORS = ("standard", "stl", "dreg")
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -56,28 +61,44 @@ class _Density(nn.Module):
 
 @dataclass
 class FitResult:
-    """A fitted flow ``q`` with its record; ``q`` samples and scores like any distribution."""
+    """A fitted flow ``q`` with its record; ``q`` samples and scores like any distribution.
+
+    For a Pyro model ``q`` is the ``AutoFlow`` guide's posterior over the unconstrained
+    latent vector, ``guide`` the guide, and draws are dictionaries by site name.
+    """
 
     q: dist.TransformedDistribution
-    log_density: Callable[[Tensor], Tensor]
+    log_density: Callable[[Tensor], Tensor] | None
     losses: list[float]
     diagnostics: diagnostics.ImportanceDiagnostics
     stopped: str | None = None  # why the fit ended before its last step
-    _eval: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+    guide: Any = None  # the AutoFlow, for a Pyro model
+    _eval: tuple[Any, Tensor, Tensor] | None = field(default=None, repr=False)
+    _model_call: tuple | None = field(default=None, repr=False)
 
-    def sample(self, shape: tuple[int, ...] = ()) -> Tensor:
-        with torch.no_grad():
-            return self.q.sample(shape)
+    def sample(self, shape: tuple[int, ...] = ()) -> Tensor | dict[str, Tensor]:
+        """Draws of ``q``; for a Pyro model a dict of site values with ``shape`` in front."""
+        if self._model_call is None:
+            with torch.no_grad():
+                return self.q.sample(shape)
+        model, args, kwargs = self._model_call
+        prototype = self.guide.prototype_trace.nodes
+        draws, _ = weighted_draws(model, self.guide, args, kwargs, math.prod(shape))
+        return {k: v.reshape(*shape, *prototype[k]["value"].shape) for k, v in draws.items()}
 
-    def resample(self, num_samples: int | None = None) -> Tensor:
+    def resample(self, num_samples: int | None = None) -> Tensor | dict[str, Tensor]:
         """Draws debiased towards ``p``: the evaluation draws resampled by their PSIS
         weights (see :func:`pyroflows.diagnostics.resample`)."""
         x, log_p, log_q = self._evaluation()
-        return diagnostics.resample(x, log_p, log_q, num_samples)
+        if not isinstance(x, dict):
+            return diagnostics.resample(x, log_p, log_q, num_samples)
+        index = torch.arange(len(log_p), device=log_p.device).unsqueeze(-1)
+        index = diagnostics.resample(index, log_p, log_q, num_samples)[:, 0]
+        return {k: v[index.to(v.device)] for k, v in x.items()}
 
     def to_inference_data(self, name: str = "x") -> Any:
         """The evaluation draws as arviz ``InferenceData`` (see
-        :func:`pyroflows.diagnostics.to_inference_data`)."""
+        :func:`pyroflows.diagnostics.to_inference_data`); by site for a Pyro model."""
         return diagnostics.to_inference_data(*self._evaluation(), name=name)
 
     def against_exact(self, num_samples: int = 10_000) -> dict[str, float]:
@@ -104,17 +125,19 @@ class FitResult:
 
 
 def fit(
-    target: str | Target | Callable[[Tensor], Tensor],
+    target: str | Target | Callable,
     flow: str = "realnvp",
     *,
     dim: int | None = None,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
     num_layers: int | None = None,
     steps: int = 2000,
     particles: int = 256,
     lr: float = 3e-3,
     optimizer: str = "adam",
     schedule: str = "cosine",
-    estimator: str = "plain",
+    estimator: str = "standard",
     warmup_steps: int = 0,
     num_eval: int = 10_000,
     seed: int = 0,
@@ -125,12 +148,17 @@ def fit(
     """Fit the recipe ``flow`` to ``target`` by reverse KL.
 
     ``target`` is a name in :data:`pyroflows.targets.TARGETS` (with ``dim`` for the sized
-    ones), a :class:`~pyroflows.targets.Target`, or any batched log density ``x ↦ log p(x)``
+    ones), a :class:`~pyroflows.targets.Target`, any batched log density ``x ↦ log p(x)``
     for ``x`` of shape ``(particles, dim)`` (then ``dim`` is required; it must work on
-    ``device``). ``particles`` draws per step; ``optimizer`` ``"adam"`` or ``"adamw"`` at
-    ``lr`` with a ``"cosine"`` (to zero) or ``"constant"`` schedule; ``estimator`` ``"plain"``
-    or ``"stl"`` (sticking the landing: the gradient through the draws only, Roeder et al.,
-    2017); ``warmup_steps`` raises β from 0 to 1 (tempering from the broad base);
+    ``device``), or a Pyro model, called as ``model(*model_args, **model_kwargs)``: its
+    posterior is fitted by :class:`~pyroflows.AutoFlow` (``pyro.factor`` models with
+    ``ImproperUniform`` sites included), in the unconstrained space of its latent sites.
+    ``particles`` draws per step; ``optimizer`` ``"adam"`` or ``"adamw"`` at ``lr`` with a
+    ``"cosine"`` (to zero) or ``"constant"`` schedule; ``estimator`` ``"standard"``,
+    ``"stl"`` (sticking the landing: the gradient through the draws only, Roeder et al.,
+    2017) or, for Pyro models, ``"dreg"`` (the IWAE bound with ``particles`` samples and
+    doubly reparameterized gradients); ``warmup_steps`` raises β from 0 to 1 (tempering
+    from the broad base; log densities only);
     ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
     to :func:`pyroflows.build`. See the module docstring for non-finite values.
 
@@ -139,7 +167,8 @@ def fit(
     (torch.Size([3, 2]), 50)
     """
     _checks.one_of("flow", flow, RECIPES)
-    log_p, dim = _resolve(target, dim)
+    model_kwargs = model_kwargs or {}
+    log_p, dim = _resolve(target, dim, model_args, model_kwargs)
     steps = _checks.positive_int("steps", steps)
     particles = _checks.positive_int("particles", particles)
     lr = _checks.positive_number("lr", lr)
@@ -149,24 +178,43 @@ def fit(
     warmup_steps = _checks.nonnegative_int("warmup_steps", warmup_steps)
     num_eval = _checks.positive_int("num_eval", num_eval)
     device = _checks.device("device", device)
+    torch.manual_seed(seed)
+
+    def make_optimizer(params):
+        opt = OPTIMIZERS[optimizer](params, lr=lr)
+        if schedule == "cosine":
+            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    def bar(n: int):
+        return trange(n, disable=not progress, desc=f"fitting {flow}")
+
+    if dim is None:  # a Pyro model
+        if warmup_steps:
+            raise ValueError("warmup_steps applies to log densities, not to Pyro models")
+        fields = fit_model(
+            log_p, flow, args=tuple(model_args), kwargs=model_kwargs, num_layers=num_layers,
+            steps=steps, particles=particles, make_optimizer=make_optimizer,
+            estimator=estimator, num_eval=num_eval, device=device, progress=bar,
+            flow_options=flow_options,
+        )  # fmt: skip
+        result = FitResult(**fields, _model_call=(log_p, tuple(model_args), model_kwargs))
+        _warn_if_unreliable(result.diagnostics)
+        return result
+    if estimator == "dreg":
+        raise ValueError("estimator 'dreg' applies to Pyro models; use 'standard' or 'stl'")
     if isinstance(log_p, nn.Module):
         log_p = log_p.to(device)
     layers = num_layers or DEFAULT_LAYERS.get(flow, FALLBACK_LAYERS)
 
-    torch.manual_seed(seed)
     transform = build(flow, dim, layers, **flow_options).to(device)
     density = _Density(dist.Normal(torch.zeros(dim, device=device), 1.0).to_event(1), transform)
     q = density.distribution()
-    opt = OPTIMIZERS[optimizer](transform.parameters(), lr=lr)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        if schedule == "cosine"
-        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    )
+    opt, scheduler = make_optimizer(transform.parameters())
     losses: list[float] = []
     stopped = None
-    bar = trange(steps, disable=not progress, desc=f"fitting {flow}")
-    for step in bar:
+    progress_bar = bar(steps)
+    for step in progress_bar:
         x = q.rsample((particles,))
         if estimator == "stl":
             stopped_params = {k: v.detach() for k, v in density.named_parameters()}
@@ -189,19 +237,26 @@ def fit(
         scheduler.step()
         losses.append(loss.item())
         if step % 25 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            progress_bar.set_postfix(loss=f"{losses[-1]:.3f}")
     with torch.no_grad():
         x = q.sample((num_eval,))
         log_q, values = q.log_prob(x), log_p(x)
     report = diagnostics.importance_diagnostics(values, log_q, warn=False)
-    if report.verdict == "unreliable":
-        warnings.warn(diagnostics.unreliable_message(report.k_hat), RuntimeWarning, stacklevel=2)
+    _warn_if_unreliable(report)
     result = FitResult(q, log_p, losses, report, stopped)
     result._eval = (x, values, log_q)
     return result
 
 
-def _resolve(target: object, dim: int | None) -> tuple[Callable[[Tensor], Tensor], int]:
+def _warn_if_unreliable(report: diagnostics.ImportanceDiagnostics) -> None:
+    if report.verdict == "unreliable":
+        warnings.warn(diagnostics.unreliable_message(report.k_hat), RuntimeWarning, stacklevel=3)
+
+
+def _resolve(
+    target: object, dim: int | None, args: tuple, kwargs: dict
+) -> tuple[Callable, int | None]:
+    """The log density (or Pyro model) and its dimension (None for a Pyro model)."""
     if isinstance(target, str):
         made = make_target(target, dim)
         return made, made.dim
@@ -211,12 +266,26 @@ def _resolve(target: object, dim: int | None) -> tuple[Callable[[Tensor], Tensor
         return target, target.dim
     if callable(target):
         if dim is None:
-            raise ValueError("dim is required when target is a log density function")
+            if not _is_pyro_model(target, args, kwargs):
+                raise ValueError(
+                    "dim is required when target is a log density function (a Pyro model "
+                    "needs sample sites when called with model_args and model_kwargs)"
+                )
+            return target, None
         return target, _checks.positive_int("dim", dim)
     raise ValueError(
         "target must be a target name, a pyroflows.targets.Target or a log density "
         f"function, got {type(target).__name__}"
     )
+
+
+def _is_pyro_model(fn: Callable, args: tuple, kwargs: dict) -> bool:
+    try:  # placed as AutoFlow places them: sites that cannot sample do not need to
+        with poutine.block(), InitMessenger(init_to_median_or_feasible):
+            trace = poutine.trace(fn).get_trace(*args, **kwargs)
+    except TypeError:  # a log density called without its argument
+        return False
+    return any(s["type"] == "sample" and not s["is_observed"] for s in trace.nodes.values())
 
 
 def _check_step(step: int, x: Tensor, log_p: Tensor, log_q: Tensor) -> str | None:

@@ -68,17 +68,19 @@ def plot_fit(result: FitResult, path: str | Path, num_points: int = 2000) -> Non
             log_q = result.q.log_prob(flat).double().cpu()
         for ax, values, title in ((axes[0], log_p, "target p"), (axes[1], log_q, "fitted q")):
             density = (values - values.max()).exp().reshape(200, 200)
-            ax.pcolormesh(grid[..., 0], grid[..., 1], density, cmap="viridis", shading="auto")
+            ax.pcolormesh(
+                grid[..., 0].numpy(), grid[..., 1].numpy(), density.numpy(), shading="auto"
+            )
             ax.set(title=f"{title} (density / its maximum)")
-        axes[2].scatter(*shown.T, s=2, alpha=0.4)
+        axes[2].scatter(*shown.numpy().T, s=2, alpha=0.4)
         axes[2].set(title=f"{len(shown)} draws of q")
     else:
         (x0, x1), (y0, y1) = _box(x)
         fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-        axes[0].scatter(shown[:, 0], shown[:, 1], s=2, alpha=0.4)
+        axes[0].scatter(*shown[:, :2].numpy().T, s=2, alpha=0.4)
         axes[0].set(title="draws of q (coordinates 0, 1)")
         resampled = result.resample(len(shown)).detach().cpu()
-        axes[1].scatter(resampled[:, 0], resampled[:, 1], s=2, alpha=0.4, color="C1")
+        axes[1].scatter(*resampled[:, :2].numpy().T, s=2, alpha=0.4, color="C1")
         axes[1].set(title="importance-resampled draws")
     for ax in axes:
         ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="x0", ylabel="x1")
