@@ -90,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _sample_parser(commands: argparse._SubParsersAction) -> None:
+    from .posteriors import POSTERIORS
     from .targets import TARGETS
 
     sample = commands.add_parser(
@@ -99,7 +100,12 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
         "(netcdf, through arviz), the diagnostics (JSON) and figures to --out, and print "
         "the PSIS verdict.",
     )
-    sample.add_argument("--target", required=True, choices=list(TARGETS), help="the target")
+    sample.add_argument(
+        "--target",
+        required=True,
+        choices=[*TARGETS, *POSTERIORS],
+        help="a target density, or a posterior written as a Pyro model (fitted by AutoFlow)",
+    )
     sample.add_argument("--dim", type=_positive_int, default=None, help="for sized targets")
     sample.add_argument(
         "--flow", default="realnvp", choices=list(RECIPES), help="the recipe (default: %(default)s)"
@@ -121,10 +127,15 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
 def _run_sample(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import json
 
-    from . import fit, plots, targets
+    from . import fit, plots, posteriors, targets
 
     try:
-        target = targets.target(args.target, args.dim)
+        if args.target in posteriors.POSTERIORS:
+            if args.dim is not None:
+                raise ValueError(f"--dim: the posterior {args.target!r} has a fixed dimension")
+            target = posteriors.POSTERIORS[args.target](args.device)
+        else:
+            target = targets.target(args.target, args.dim)
         args.out.mkdir(parents=True, exist_ok=True)
         r = fit(
             target, args.flow, num_layers=args.layers, steps=args.steps,
@@ -135,27 +146,30 @@ def _run_sample(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         cli.error(str(error))
     d = r.diagnostics
+    dim = r.guide.latent_dim if r.guide is not None else target.dim
+    exact_log_z = getattr(target, "log_z", None)
     report = {
-        "target": args.target, "dim": target.dim, "flow": args.flow, "steps": len(r.losses),
+        "target": args.target, "dim": dim, "flow": args.flow, "steps": len(r.losses),
         "stopped": r.stopped, "log_z": d.log_z, "log_z_stderr": d.log_z_stderr,
-        "exact_log_z": target.log_z, "k_hat": d.k_hat, "verdict": d.verdict, "ess": d.ess,
+        "exact_log_z": exact_log_z, "k_hat": d.k_hat, "verdict": d.verdict, "ess": d.ess,
         "num_eval": d.num_samples, "final_loss": r.losses[-1] if r.losses else None,
     }  # fmt: skip
-    with contextlib.suppress(NotImplementedError):  # targets without an exact sampler
+    with contextlib.suppress(NotImplementedError, ValueError):  # no exact sampler
         report |= r.against_exact(args.num_eval)
     (args.out / "diagnostics.json").write_text(json.dumps(report, indent=2) + "\n")
     r.to_inference_data().to_netcdf(str(args.out / "samples.nc"))
-    plots.plot_fit(r, args.out / "fit.png")
+    if r.guide is None:  # a density: its figure (a posterior's draws are in samples.nc)
+        plots.plot_fit(r, args.out / "fit.png")
     plots.plot_losses(r.losses, args.out / "loss.png")
     rows = [
-        ("target", f"{args.target} (dim {target.dim})"),
+        ("target", f"{args.target} (dim {dim})"),
         ("flow", f"{args.flow}, {len(r.losses)} steps"),
         ("log Z", f"{d.log_z:.4f} +- {d.log_z_stderr:.4f}"),
     ]
-    if target.log_z is not None:
-        error = d.log_z - target.log_z
+    if exact_log_z is not None:
+        error = d.log_z - exact_log_z
         off = f", {abs(error) / d.log_z_stderr:.1f} standard errors" if d.log_z_stderr else ""
-        rows.append(("log Z (exact)", f"{target.log_z:.4f} (estimate off by {error:+.4f}{off})"))
+        rows.append(("log Z (exact)", f"{exact_log_z:.4f} (estimate off by {error:+.4f}{off})"))
     rows += [
         ("PSIS k-hat", f"{d.k_hat:.2f} ({d.verdict})"),
         ("ESS", f"{d.ess:.0f} of {d.num_samples}"),
