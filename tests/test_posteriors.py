@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyro
 import pytest
 import torch
 from pyro import poutine
@@ -43,3 +44,26 @@ def test_sample_command_fits_a_posterior(tmp_path, capsys):
     report = json.loads((out / "diagnostics.json").read_text())
     assert report["dim"] == 10 and report["exact_log_z"] is None
     assert (out / "samples.nc").exists() and (out / "loss.png").exists()
+
+
+def test_a_fitted_autoflow_preconditions_nuts_through_neutra():
+    """Pyro's NeuTraReparam with the fitted AutoFlow: NUTS runs in the flow's base space and
+    the transformed draws follow the funnel (v ~ N(0, 3²))."""
+    import pyro.distributions as dist
+    from pyro.infer import MCMC, NUTS
+    from pyro.infer.reparam import NeuTraReparam
+
+    def funnel():
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(torch.zeros(2), (v / 2).exp().unsqueeze(-1)).to_event(1))
+
+    r = pf.fit(funnel, "iaf", num_layers=2, steps=300, particles=32, lr=1e-2, num_eval=500,
+               estimator="stl", progress=False)  # fmt: skip
+    neutra = NeuTraReparam(r.guide.requires_grad_(False))
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(NUTS(neutra.reparam(funnel)), num_samples=300, warmup_steps=150,
+                disable_progbar=True)  # fmt: skip
+    mcmc.run()
+    (latent,) = mcmc.get_samples().values()
+    v = neutra.transform_sample(latent)["v"]
+    assert v.shape == (300,) and abs(v.mean().item()) < 1.0 and 2.0 < v.std().item() < 4.0
