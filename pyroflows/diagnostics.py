@@ -141,25 +141,99 @@ def resample(
     return samples[keep][index.to(samples.device)]
 
 
-def to_inference_data(
+def draws_to_inference_data(
     samples: Tensor | dict[str, Tensor], log_p: Tensor, log_q: Tensor, name: str = "x"
 ) -> Any:
     """An arviz ``InferenceData`` (a ``DataTree`` with arviz 1.x) with the draws as one
     chain: a tensor ``(draws, dim)`` as the posterior variable ``name``, or a dict of site
     values ``(draws, *shape)`` by site; ``log_p``, ``log_q`` and the log importance ratio in
     ``sample_stats``."""
+    draws = samples if isinstance(samples, dict) else {name: samples}
+    stats = {"log_p": log_p, "log_q": log_q, "log_importance_ratio": log_p - log_q}
+    return _from_dict({"posterior": draws, "sample_stats": stats})
+
+
+@torch.no_grad()
+def to_inference_data(
+    model: Any, guide: Any, *args: Any, num_samples: int = 1000, chunk_size: int = 500,
+    **kwargs: Any,
+) -> Any:  # fmt: skip
+    """``num_samples`` draws of any guide (``AutoFlow``, Pyro's autoguides, an amortized
+    guide) for ``model(*args, **kwargs)`` as arviz ``InferenceData``: a ``posterior`` group by
+    latent site with the model's shapes (plate dimensions named after their plates),
+    ``sample_stats`` with each draw's log importance ratio ``log p(x, z) - log q(z)`` (summed
+    over data), ``observed_data``, and the PSIS k-hat as the attribute ``pareto_k``.
+
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model(y):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    ...     with pyro.plate("data", len(y)):
+    ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+    >>> idata = to_inference_data(model, AutoNormal(model), torch.zeros(3), num_samples=50)
+    >>> idata.posterior["mu"].shape, idata.observed_data["y"].dims
+    ((1, 50), ('data',))
+    """
+    from .infer import weights as w
+
+    from pyro.poutine.util import prune_subsample_sites
+
+    one_model, one_guide = w._one_run(model, guide, args, kwargs)
+    nesting = w._nesting(one_model, one_guide)
+    one_model = prune_subsample_sites(one_model)
+    sites = [s for s in one_model.nodes.values() if s["type"] == "sample"]
+    latent = {s["name"]: s for s in sites if not s["is_observed"]}
+    draws: dict[str, list[Tensor]] = {name: [] for name in latent}
+    log_w = []
+    for start in range(0, num_samples, chunk_size):
+        k = min(chunk_size, num_samples - start)
+        model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting)
+        values = w.log_weights(model_trace, guide_trace, nesting).values
+        log_w.append(values.reshape(k, -1).sum(-1))
+        for name, site in latent.items():
+            value = model_trace.nodes[name]["value"]
+            draws[name].append(value.expand(k, *value.shape[1:]).reshape(k, *site["value"].shape))
+    log_w = torch.cat(log_w)
+    _, k_hat = psis(log_w)
+    observed = {s["name"]: s["value"] for s in sites if s["is_observed"]}
+    dims = {s["name"]: _dims(s) for s in sites}
+    groups = {
+        "posterior": {name: torch.cat(parts) for name, parts in draws.items()},
+        "sample_stats": {"log_importance_ratio": log_w},
+        "observed_data": observed,
+    }
+    return _from_dict(groups, dims=dims, attrs={"pareto_k": k_hat})
+
+
+def _dims(site: dict) -> list[str]:
+    """Dimension names of a site's value: its plates' names where a plate holds the
+    dimension, ``{site}_dim_{i}`` elsewhere (arviz's own default)."""
+    value = site["value"]
+    batch = value.dim() - site["fn"].event_dim
+    plates = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized}
+    names = []
+    for i in range(value.dim()):
+        plate = plates.get(i - batch) if i < batch else None
+        names.append(plate or f"{site['name']}_dim_{i}")
+    return names
+
+
+def _from_dict(groups: dict[str, dict], **options: Any) -> Any:
+    """arviz's ``from_dict`` for 0.23 (keyword groups) and 1.x (one dict); posterior and
+    sample statistics get a chain dimension of 1 in front."""
     import arviz as az
 
-    def as_array(t: Tensor) -> np.ndarray:
-        return t.detach().cpu().numpy()[None]
+    def as_array(t: Tensor, chain: bool) -> np.ndarray:
+        t = t.detach().cpu().numpy()
+        return t[None] if chain else t
 
-    draws = samples if isinstance(samples, dict) else {name: samples}
-    posterior = {site: as_array(value) for site, value in draws.items()}
-    stats = {
-        "log_p": as_array(log_p),
-        "log_q": as_array(log_q),
-        "log_importance_ratio": as_array(log_p - log_q),
+    arrays = {
+        group: {k: as_array(v, group != "observed_data") for k, v in values.items()}
+        for group, values in groups.items()
     }
+    if "dims" in options:  # only the variables present; posterior names skip chain and draw
+        present = {k for values in arrays.values() for k in values}
+        options["dims"] = {k: v for k, v in options["dims"].items() if k in present}
     if int(az.__version__.split(".")[0]) >= 1:
-        return az.from_dict({"posterior": posterior, "sample_stats": stats})
-    return az.from_dict(posterior=posterior, sample_stats=stats)
+        return az.from_dict(arrays, **options)
+    return az.from_dict(**arrays, **options)

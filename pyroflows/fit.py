@@ -98,8 +98,8 @@ class FitResult:
 
     def to_inference_data(self, name: str = "x") -> Any:
         """The evaluation draws as arviz ``InferenceData`` (see
-        :func:`pyroflows.diagnostics.to_inference_data`); by site for a Pyro model."""
-        return diagnostics.to_inference_data(*self._evaluation(), name=name)
+        :func:`pyroflows.diagnostics.draws_to_inference_data`); by site for a Pyro model."""
+        return diagnostics.draws_to_inference_data(*self._evaluation(), name=name)
 
     def against_exact(self, num_samples: int = 10_000) -> dict[str, float]:
         """For a target with an exact sampler: the EUBO ``E_p[log p - log q]`` (an upper bound

@@ -67,3 +67,36 @@ def test_a_fitted_autoflow_preconditions_nuts_through_neutra():
     (latent,) = mcmc.get_samples().values()
     v = neutra.transform_sample(latent)["v"]
     assert v.shape == (300,) and abs(v.mean().item()) < 1.0 and 2.0 < v.std().item() < 4.0
+
+
+@pytest.mark.parametrize("guide_kind", ["autoflow", "pyro-autonormal"])
+def test_inference_data_of_any_guide_works_with_arviz(guide_kind, tmp_path):
+    import arviz as az
+    import matplotlib
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyroflows.diagnostics import to_inference_data
+
+    matplotlib.use("Agg")
+    model = POSTERIORS["eight-schools"]()
+    guide = pf.AutoFlow(model, "planar") if guide_kind == "autoflow" else AutoNormal(model)
+    guide()
+    idata = to_inference_data(model, guide, num_samples=300, chunk_size=128)
+    theta = idata.posterior["theta_tilde"]
+    assert theta.dims == ("chain", "draw", "schools") and theta.shape == (1, 300, 8)
+    assert idata.posterior["tau"].shape == (1, 300) and (idata.posterior["tau"] > 0).all()
+    assert idata.observed_data["y"].dims == ("schools",)
+    assert idata.sample_stats["log_importance_ratio"].shape == (1, 300)
+    assert "pareto_k" in idata.posterior.attrs or "pareto_k" in idata.attrs
+    summary = az.summary(idata, var_names=["mu", "tau"], kind="stats")
+    assert list(summary.index) == ["mu", "tau"]
+    az.plot_posterior(idata, var_names=["mu"])
+    az.plot_pair(idata, var_names=["mu", "tau"])
+    matplotlib.pyplot.close("all")
+    path = tmp_path / "schools.nc"
+    idata.to_netcdf(str(path))
+    again = az.from_netcdf(str(path))
+    torch.testing.assert_close(
+        torch.as_tensor(again.posterior["theta_tilde"].values),
+        torch.as_tensor(theta.values),
+    )
