@@ -92,7 +92,8 @@ def fit_pyro(make, target, args, device) -> dict:
 def fit_ours(flow: str, target, args, device) -> dict:
     start = time.perf_counter()
     r = pf.fit(target, flow, steps=args.steps, particles=args.particles, lr=args.lr,
-               num_eval=args.num_eval, seed=args.seed, device=device, progress=False)  # fmt: skip
+               estimator=args.estimator, num_eval=args.num_eval, seed=args.seed, device=device,
+               progress=False)  # fmt: skip
     common.sync(device)
     step_ms = 1e3 * (time.perf_counter() - start) / args.steps  # evaluation included: < 1 %
     out = {"step_ms": step_ms, **_figures(r.diagnostics, target)}
@@ -118,6 +119,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--flows", nargs="+", default=["realnvp", "iaf", "planar", "sylvester-h"])
+    parser.add_argument(
+        "--estimator",
+        default="standard",
+        choices=["standard", "stl"],
+        help="pyroflows' gradient estimator (Pyro's guides: standard)",
+    )
     parser.add_argument("--no-pyro", action="store_true", help="pyroflows' recipes only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +152,8 @@ def main() -> None:
                 f"{label:14}{contender:22}{figures['step_ms']:9.1f}{figures['ess_percent']:8.1f}"
                 f"{figures['k_hat']:7.2f}{'-' if error is None else f'{error:.3f}':>12}"
             )
-    settings = {k: getattr(args, k) for k in ("steps", "particles", "lr", "num_eval", "seed")}
+    settings = {k: getattr(args, k) for k in ("steps", "particles", "lr", "num_eval", "seed",
+                                              "estimator")}  # fmt: skip
     common.write("reverse_kl", device, {"settings": settings, "rows": rows},
                  pyro=pyro.__version__)  # fmt: skip
 

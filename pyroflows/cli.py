@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -202,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.error(str(error))
     print(f"flow            {r.flow} x {layers} layers, {steps} steps")
     print(f"ELBO            {r.elbo:.4f}")
+    off = abs(r.log_z - r.exact_log_z) / r.log_z_stderr if r.log_z_stderr else math.inf
     print(f"log Z (IS)      {r.log_z:.4f} +- {r.log_z_stderr:.4f}")
-    print(f"log Z (exact)   {r.exact_log_z:.4f}")
+    print(f"log Z (exact)   {r.exact_log_z:.4f} (estimate off by {off:.1f} standard errors)")
+    print(f"PSIS k-hat      {r.k_hat:.2f} ({r.verdict})")
     print(f"KL(q || p)      {r.exact_log_z - r.elbo:.4f}")
     if args.plot:
         print(f"plot            {args.plot}")

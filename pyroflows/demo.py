@@ -6,13 +6,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyro.distributions as dist
 import torch
 from torch import Tensor
-from tqdm.auto import trange
 
 from . import _checks
-from .flows import build
+from .fit import fit
 
 BANANA_SCALE = 2.0  # z1 ~ N(0, 2²)
 BANANA_BEND = 0.5  # z2 | z1 ~ N(0.5 (z1² - 4), 1)
@@ -34,6 +32,8 @@ class DemoResult:
     log_z: float
     log_z_stderr: float
     exact_log_z: float
+    k_hat: float
+    verdict: str
 
 
 def run_demo(
@@ -47,36 +47,24 @@ def run_demo(
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> DemoResult:
-    """Fit ``flow`` to the banana on ``device``, then estimate log Z by importance sampling.
+    """Fit ``flow`` to the banana on ``device`` with :func:`pyroflows.fit`, then compare its
+    importance-sampled log Z with the exact one.
 
     >>> r = run_demo("planar", num_layers=2, steps=5, num_eval=100, progress=False)
     >>> r.exact_log_z > 0
     True
     """
-    _checks.positive_int("num_layers", num_layers)
-    _checks.positive_int("steps", steps)
-    _checks.positive_int("num_eval", num_eval)
-    device = _checks.device("device", device)
-    torch.manual_seed(seed)
-    transform = build(flow, 2, num_layers).to(device)
-    base = dist.Normal(torch.zeros(2, device=device), 1.0).to_event(1)
-    q = dist.TransformedDistribution(base, [transform])
-    optimizer = torch.optim.Adam(transform.parameters(), lr=3e-3)
-    for step in trange(steps, disable=not progress, desc=f"fitting {flow}"):
-        z = q.rsample((batch_size,))
-        loss = (q.log_prob(z) - banana_log_density(z)).mean()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()} at step {step}")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        z = q.sample((num_eval,))
-        log_w = banana_log_density(z) - q.log_prob(z)
-        log_z = torch.logsumexp(log_w, 0) - math.log(num_eval)
-        w = (log_w - log_z).exp()  # normalised so that mean(w) = 1
-        stderr = (w.std() / math.sqrt(num_eval)).item()  # delta method: se(log Ẑ) ≈ sd(w)/√n
-    result = DemoResult(flow, log_w.mean().item(), log_z.item(), stderr, BANANA_LOG_Z)
+    r = fit(
+        banana_log_density, flow, dim=2, num_layers=_checks.positive_int("num_layers", num_layers),
+        steps=steps, particles=batch_size, lr=3e-3, schedule="constant", num_eval=num_eval,
+        seed=seed, device=device, progress=progress,
+    )  # fmt: skip
+    if r.stopped:
+        raise RuntimeError(f"the fit stopped: {r.stopped}")
+    z, log_p, log_q = r._evaluation()
+    d = r.diagnostics
+    elbo = (log_p - log_q).mean().item()
+    result = DemoResult(flow, elbo, d.log_z, d.log_z_stderr, BANANA_LOG_Z, d.k_hat, d.verdict)
     if plot:
         _plot(z.cpu(), plot, result)
     return result

@@ -174,9 +174,9 @@ def to_inference_data(
     >>> idata.posterior["mu"].shape, idata.observed_data["y"].dims
     ((1, 50), ('data',))
     """
-    from .infer import weights as w
-
     from pyro.poutine.util import prune_subsample_sites
+
+    from .infer import weights as w
 
     one_model, one_guide = w._one_run(model, guide, args, kwargs)
     nesting = w._nesting(one_model, one_guide)

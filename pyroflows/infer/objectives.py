@@ -104,7 +104,8 @@ class IWAE(_Weighted):
     >>> def model():
     ...     pyro.sample("z", dist.Normal(0.0, 1.0))
     >>> guide = AutoFlow(model, flow="planar")
-    >>> IWAE(num_particles=8, estimator="dreg").loss_and_grads(model, guide) > -1e-6
+    >>> loss = IWAE(num_particles=8, estimator="dreg").loss_and_grads(model, guide)
+    >>> all(p.grad is not None for p in guide.parameters())
     True
     """
 
