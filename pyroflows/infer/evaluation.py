@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import pyro
 import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from .. import _checks
@@ -58,7 +63,7 @@ def log_marginal_likelihood(
     log_sum = log_sum_sq = None
     done, checked = 0, False
     if max_plate_nesting is None:  # the run that finds the nesting gives the first sample
-        nesting, values = w.first_sample(model, guide, args, kwargs)
+        nesting, values = _first_sample(model, guide, args, kwargs)
         log_sum, log_sum_sq = values[0], 2 * values[0]
         done = 1
     else:
@@ -66,7 +71,7 @@ def log_marginal_likelihood(
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
         # Pyro's checks on the first chunk; later ones run the same code on fresh samples
-        draw = w.unchecked_traces if checked else w.traces
+        draw = _unchecked_traces if checked else w.traces
         traces = draw(model, guide, args, kwargs, k, nesting)
         checked = True
         values = w.log_weights(*traces, nesting).values
@@ -94,3 +99,51 @@ def log_marginal_likelihood(
             stacklevel=3,  # the caller, past torch.no_grad's wrapper
         )
     return LogMarginal(log_sum - math.log(num_samples), stderr, ess)
+
+
+def _first_sample(model, guide, args, kwargs) -> tuple[int, Tensor]:
+    """Plate nesting (as :func:`.weights.plate_nesting`) and the log weights of the one sample its
+    run drew, shaped as one particle: the run that finds the nesting is a draw from ``q``."""
+    model_trace, guide_trace = (
+        prune_subsample_sites(t) for t in w._one_run(model, guide, args, kwargs)
+    )
+    w._check_latents(model_trace, guide_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    nesting = w._nesting(model_trace, guide_trace)
+    return nesting, w.log_weights(model_trace, guide_trace, nesting).values
+
+
+class _StoredParams(Messenger):
+    """Answers every ``pyro.param`` from the param store and stops it there, so that no
+    outer handler sees it: for runs that need neither a record of the parameters nor
+    their gradients."""
+
+    def _pyro_param(self, msg: dict) -> None:
+        msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
+        msg["done"] = msg["stop"] = True
+
+
+def _particles_without_params(fn: Callable, k: int, dim: int) -> Callable:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with pyro.plate(w.PARTICLES, k, dim=dim), _StoredParams():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _unchecked_traces(model, guide, args, kwargs, num_particles: int, nesting: int):
+    """:func:`.weights.traces` without Pyro's validation, score terms or parameter sites, for
+    estimates whose first draw went through the checked path (the same code on fresh
+    samples)."""
+    guide = _particles_without_params(guide, num_particles, -nesting)
+    model = _particles_without_params(model, num_particles, -nesting)
+    with pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        model_trace, guide_trace = (prune_subsample_sites(t) for t in (model_trace, guide_trace))
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+    return model_trace, guide_trace

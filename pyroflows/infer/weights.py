@@ -96,19 +96,6 @@ def _nesting(model_trace, guide_trace) -> int:
     return max(depths, default=0) + 1
 
 
-def first_sample(model, guide, args, kwargs) -> tuple[int, Tensor]:
-    """Plate nesting (as :func:`plate_nesting`) and the log weights of the one sample its
-    run drew, shaped as one particle: the run that finds the nesting is a draw from ``q``."""
-    model_trace, guide_trace = (
-        prune_subsample_sites(t) for t in _one_run(model, guide, args, kwargs)
-    )
-    _check_latents(model_trace, guide_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
-    nesting = _nesting(model_trace, guide_trace)
-    return nesting, log_weights(model_trace, guide_trace, nesting).values
-
-
 def traces(model, guide, args, kwargs, num_particles: int, nesting: int):
     """A guide trace with ``num_particles`` vectorized particles and the model replayed on it.
 
@@ -120,41 +107,6 @@ def traces(model, guide, args, kwargs, num_particles: int, nesting: int):
         _particles(guide, num_particles, -nesting), args, kwargs,
     )  # fmt: skip
     _check_latents(model_trace, guide_trace)
-    return model_trace, guide_trace
-
-
-class _StoredParams(Messenger):
-    """Answers every ``pyro.param`` from the param store and stops it there, so that no
-    outer handler sees it: for runs that need neither a record of the parameters nor
-    their gradients."""
-
-    def _pyro_param(self, msg: dict) -> None:
-        msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
-        msg["done"] = msg["stop"] = True
-
-
-def _particles_without_params(fn: Callable, k: int, dim: int) -> Callable:
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with pyro.plate(PARTICLES, k, dim=dim), _StoredParams():
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
-def unchecked_traces(model, guide, args, kwargs, num_particles: int, nesting: int):
-    """:func:`traces` without Pyro's validation, score terms or parameter sites, for
-    estimates whose first draw went through the checked path (the same code on fresh
-    samples)."""
-    guide = _particles_without_params(guide, num_particles, -nesting)
-    model = _particles_without_params(model, num_particles, -nesting)
-    with pyro.validation_enabled(False):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        model_trace, guide_trace = (prune_subsample_sites(t) for t in (model_trace, guide_trace))
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
     return model_trace, guide_trace
 
 
