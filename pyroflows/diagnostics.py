@@ -174,31 +174,14 @@ def to_inference_data(
     >>> idata.posterior["mu"].shape, idata.observed_data["y"].dims
     ((1, 50), ('data',))
     """
-    from pyro.poutine.util import prune_subsample_sites
+    from .fit_model import weighted_draws
 
-    from .infer import weights as w
-
-    one_model, one_guide = w._one_run(model, guide, args, kwargs)
-    nesting = w._nesting(one_model, one_guide)
-    one_model = prune_subsample_sites(one_model)
-    sites = [s for s in one_model.nodes.values() if s["type"] == "sample"]
-    latent = {s["name"]: s for s in sites if not s["is_observed"]}
-    draws: dict[str, list[Tensor]] = {name: [] for name in latent}
-    log_w = []
-    for start in range(0, num_samples, chunk_size):
-        k = min(chunk_size, num_samples - start)
-        model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting)
-        values = w.log_weights(model_trace, guide_trace, nesting).values
-        log_w.append(values.reshape(k, -1).sum(-1))
-        for name, site in latent.items():
-            value = model_trace.nodes[name]["value"]
-            draws[name].append(value.expand(k, *value.shape[1:]).reshape(k, *site["value"].shape))
-    log_w = torch.cat(log_w)
+    draws, log_w, sites = weighted_draws(model, guide, args, kwargs, num_samples, chunk_size)
     _, k_hat = psis(log_w)
     observed = {s["name"]: s["value"] for s in sites if s["is_observed"]}
     dims = {s["name"]: _dims(s) for s in sites}
     groups = {
-        "posterior": {name: torch.cat(parts) for name, parts in draws.items()},
+        "posterior": draws,
         "sample_stats": {"log_importance_ratio": log_w},
         "observed_data": observed,
     }

@@ -29,7 +29,7 @@ from tqdm.auto import trange
 
 from . import _checks, diagnostics
 from .autoguide import init_to_median_or_feasible
-from .fit_model import fit_model, weighted_draws
+from .fit_model import fit_model, optimize, weighted_draws
 from .flows import RECIPES, build
 from .targets import Target
 from .targets import target as make_target
@@ -82,9 +82,8 @@ class FitResult:
             with torch.no_grad():
                 return self.q.sample(shape)
         model, args, kwargs = self._model_call
-        prototype = self.guide.prototype_trace.nodes
-        draws, _ = weighted_draws(model, self.guide, args, kwargs, math.prod(shape))
-        return {k: v.reshape(*shape, *prototype[k]["value"].shape) for k, v in draws.items()}
+        draws, _, _ = weighted_draws(model, self.guide, args, kwargs, math.prod(shape))
+        return {k: v.reshape(*shape, *v.shape[1:]) for k, v in draws.items()}
 
     def resample(self, num_samples: int | None = None) -> Tensor | dict[str, Tensor]:
         """Draws debiased towards ``p``: the evaluation draws resampled by their PSIS
@@ -210,11 +209,8 @@ def fit(
     transform = build(flow, dim, layers, **flow_options).to(device)
     density = _Density(dist.Normal(torch.zeros(dim, device=device), 1.0).to_event(1), transform)
     q = density.distribution()
-    opt, scheduler = make_optimizer(transform.parameters())
-    losses: list[float] = []
-    stopped = None
-    progress_bar = bar(steps)
-    for step in progress_bar:
+
+    def loss_at(step: int) -> tuple[Tensor, str | None]:
         x = q.rsample((particles,))
         if estimator == "stl":
             stopped_params = {k: v.detach() for k, v in density.named_parameters()}
@@ -223,21 +219,10 @@ def fit(
             log_q = q.log_prob(x)
         target_values = log_p(x)
         problem = _check_step(step, x, target_values, log_q)
-        if problem is None:
-            beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-            loss = (log_q - beta * target_values).mean()
-            opt.zero_grad()
-            loss.backward()
-            problem = _check_update(step, loss, transform)
-        if problem is not None:
-            stopped = problem
-            warnings.warn(f"fit stopped: {problem}", RuntimeWarning, stacklevel=2)
-            break
-        opt.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == steps - 1:
-            progress_bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return (log_q - beta * target_values).mean(), problem
+
+    losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar)
     with torch.no_grad():
         x = q.sample((num_eval,))
         log_q, values = q.log_prob(x), log_p(x)
@@ -304,13 +289,4 @@ def _check_step(step: int, x: Tensor, log_p: Tensor, log_q: Tensor) -> str | Non
         return f"log p is {value}{outside} at {count} draw(s) of step {step}, e.g. x = {where}"
     if not bool(torch.isfinite(log_q).all()):
         return f"log q is not finite at step {step}: the flow diverged; lower lr"
-    return None
-
-
-def _check_update(step: int, loss: Tensor, transform: nn.Module) -> str | None:
-    if not torch.isfinite(loss):
-        return f"the loss is {loss.item()} at step {step}"
-    for name, p in transform.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return f"the gradient of {name} is not finite at step {step}; lower lr"
     return None

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from . import diagnostics
@@ -45,25 +46,12 @@ def fit_model(
             "them on the device you ask for"
         )
     objective = IWAE(particles, "dreg") if estimator == "dreg" else ELBO(particles, estimator)
-    opt, scheduler = make_optimizer(guide.parameters())
-    losses: list[float] = []
-    stopped = None
-    bar = progress(steps)
-    for step in bar:
-        loss = objective.differentiable_loss(model, guide, *args, **kwargs)
-        opt.zero_grad()
-        if torch.isfinite(loss):
-            loss.backward()
-        stopped = _problem(step, loss, guide)
-        if stopped is not None:
-            warnings.warn(f"fit stopped: {stopped}", RuntimeWarning, stacklevel=3)
-            break
-        opt.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    samples, log_w = weighted_draws(model, guide, args, kwargs, num_eval)
+
+    def loss_at(step: int) -> tuple[Tensor, str | None]:
+        return objective.differentiable_loss(model, guide, *args, **kwargs), None
+
+    losses, stopped = optimize(loss_at, guide, make_optimizer, steps, progress)
+    samples, log_w, _ = weighted_draws(model, guide, args, kwargs, num_eval)
     zeros = torch.zeros_like(log_w)
     return {
         "q": guide.get_posterior(*args, **kwargs),
@@ -76,33 +64,67 @@ def fit_model(
     }
 
 
-def _problem(step: int, loss: Tensor, guide: AutoFlow) -> str | None:
-    if not torch.isfinite(loss):
-        return f"the loss is {loss.item()} at step {step}: the model's log density or the flow"
-    for name, p in guide.named_parameters():
+def optimize(
+    loss_at: Callable[[int], tuple[Tensor, str | None]],
+    module: torch.nn.Module,
+    make_optimizer: Callable,
+    steps: int,
+    progress: Callable,
+) -> tuple[list[float], str | None]:
+    """``steps`` updates of ``module``'s parameters on ``loss_at(step)``, which returns the
+    loss and any reason to stop first; a non-finite loss or gradient stops the loop before
+    its update too. Returns the losses and why it stopped (None if it did not), after a
+    warning."""
+    opt, scheduler = make_optimizer(module.parameters())
+    losses: list[float] = []
+    bar = progress(steps)
+    for step in bar:
+        loss, problem = loss_at(step)
+        opt.zero_grad()
+        if problem is None and not torch.isfinite(loss):
+            problem = f"the loss is {loss.item()} at step {step}"
+        if problem is None:
+            loss.backward()
+            problem = _nonfinite_gradient(step, module)
+        if problem is not None:
+            warnings.warn(f"fit stopped: {problem}", RuntimeWarning, stacklevel=4)
+            return losses, problem
+        opt.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses, None
+
+
+def _nonfinite_gradient(step: int, module: torch.nn.Module) -> str | None:
+    for name, p in module.named_parameters():
         if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
             return f"the gradient of {name} is not finite at step {step}; lower lr"
     return None
 
 
-@torch.no_grad()
 def weighted_draws(
-    model, guide: AutoFlow, args, kwargs, num: int, chunk: int = 1000
-) -> tuple[dict[str, Tensor], Tensor]:
-    """``num`` draws of the guide by site, ``(num, *site shape)``, with their log weights
-    ``log p(x, z) - log q(z)`` summed over data."""
-    nesting = w.plate_nesting(model, guide, args, kwargs)
-    shapes = {
-        name: guide.prototype_trace.nodes[name]["value"].shape
-        for name in guide._unconstrained_shapes
-    }
-    draws: dict[str, list[Tensor]] = {name: [] for name in shapes}
-    log_w = []
-    for start in range(0, num, chunk):
-        k = min(chunk, num - start)
-        model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting)
-        values = w.log_weights(model_trace, guide_trace, nesting).values
-        log_w.append(values.reshape(k, -1).sum(-1))
-        for name, shape in shapes.items():
-            draws[name].append(guide_trace.nodes[name]["value"].reshape(k, *shape))
-    return {name: torch.cat(parts) for name, parts in draws.items()}, torch.cat(log_w)
+    model, guide, args, kwargs, num: int, chunk: int = 500
+) -> tuple[dict[str, Tensor], Tensor, list[dict]]:
+    """``num`` draws of any guide for ``model``: the model's latent sites with their own
+    shapes ``(num, *shape)``, the log weights ``log p(x, z) - log q(z)`` summed over data,
+    and the sample sites of one unvectorized run (for shapes, plates and observed data)."""
+    with torch.no_grad():
+        one_model, one_guide = w._one_run(model, guide, args, kwargs)
+        nesting = w._nesting(one_model, one_guide)
+        sites = [
+            s for s in prune_subsample_sites(one_model).nodes.values() if s["type"] == "sample"
+        ]
+        latent = {s["name"]: s["value"].shape for s in sites if not s["is_observed"]}
+        draws: dict[str, list[Tensor]] = {name: [] for name in latent}
+        log_w = []
+        for start in range(0, num, chunk):
+            k = min(chunk, num - start)
+            model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting)
+            values = w.log_weights(model_trace, guide_trace, nesting).values
+            log_w.append(values.reshape(k, -1).sum(-1))
+            for name, shape in latent.items():
+                value = model_trace.nodes[name]["value"]
+                draws[name].append(value.expand(k, *value.shape[1:]).reshape(k, *shape))
+    return {name: torch.cat(parts) for name, parts in draws.items()}, torch.cat(log_w), sites
