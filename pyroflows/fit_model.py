@@ -4,11 +4,11 @@ optimizer, the same non-finite policy, and importance diagnostics of the joint w
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import pyro
 import torch
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
@@ -36,8 +36,8 @@ def fit_model(
     flow_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Fit an AutoFlow to ``model(*args, **kwargs)``; the fields of a ``FitResult``."""
-    pyro.clear_param_store()
     guide = AutoFlow(model, flow, num_layers, **flow_options)
+    guide._pyro_name = f"pyroflows_fit_{next(_FITS)}"  # its own names in Pyro's param store
     with torch.no_grad():
         guide(*args, **kwargs)  # builds the flow where the model's tensors live
     if guide.loc.device.type != device.type:
@@ -62,6 +62,9 @@ def fit_model(
         "guide": guide,
         "_eval": (samples, log_w, zeros),
     }
+
+
+_FITS = itertools.count()
 
 
 def optimize(

@@ -236,3 +236,21 @@ def test_fit_on_cuda(flow):
     r = pf.fit("funnel", flow, dim=4, steps=5, num_eval=100, progress=False, device="cuda",
                estimator="stl", **options)  # fmt: skip
     assert r.sample((3,)).device.type == "cuda" and len(r.losses) == 5
+
+
+def test_fits_of_models_keep_the_param_store_and_do_not_clash():
+    pyro.param("users_own", torch.ones(2))
+
+    def one():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    def three():
+        pyro.sample("a", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    options = {"steps": 5, "particles": 4, "num_eval": 50, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pf.fit(one, "planar", **options)
+        r = pf.fit(three, "planar", **options)  # same site name, another shape
+    assert r.sample((2,))["a"].shape == (2, 3)
+    assert torch.equal(pyro.param("users_own"), torch.ones(2))
