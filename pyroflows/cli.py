@@ -121,6 +121,11 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("--num-eval", type=_positive_int, default=10_000, help="evaluation draws")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sample.add_argument(
+        "--repeats", type=_positive_int, default=1,
+        help="fits with seeds seed, seed+1, ...: their k-hats are reported and plotted; the "
+        "first fit's draws are written (default: 1)",
+    )  # fmt: skip
     sample.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     sample.add_argument("--out", type=Path, required=True, help="folder for the results")
 
@@ -138,14 +143,18 @@ def _run_sample(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         else:
             target = targets.target(args.target, args.dim)
         args.out.mkdir(parents=True, exist_ok=True)
-        r = fit(
-            target, args.flow, num_layers=args.layers, steps=args.steps,
-            particles=args.particles, lr=args.lr, estimator=args.estimator,
-            warmup_steps=args.warmup_steps,
-            num_eval=args.num_eval, seed=args.seed, device=args.device,
-        )  # fmt: skip
+        fits = [
+            fit(
+                target, args.flow, num_layers=args.layers, steps=args.steps,
+                particles=args.particles, lr=args.lr, estimator=args.estimator,
+                warmup_steps=args.warmup_steps, num_eval=args.num_eval, seed=args.seed + i,
+                device=args.device,
+            )
+            for i in range(args.repeats)
+        ]  # fmt: skip
     except (ValueError, OSError) as error:
         cli.error(str(error))
+    r = fits[0]
     d = r.diagnostics
     dim = r.guide.latent_dim if r.guide is not None else target.dim
     exact_log_z = getattr(target, "log_z", None)
@@ -155,6 +164,13 @@ def _run_sample(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "exact_log_z": exact_log_z, "k_hat": d.k_hat, "verdict": d.verdict, "ess": d.ess,
         "num_eval": d.num_samples, "final_loss": r.losses[-1] if r.losses else None,
     }  # fmt: skip
+    if args.repeats > 1:
+        report["repeats"] = [
+            {"seed": args.seed + i, "k_hat": f.diagnostics.k_hat, "log_z": f.diagnostics.log_z,
+             "ess": f.diagnostics.ess}
+            for i, f in enumerate(fits)
+        ]  # fmt: skip
+        plots.plot_k_hats([f.diagnostics.k_hat for f in fits], args.out / "k_hat.png")
     with contextlib.suppress(NotImplementedError, ValueError):  # no exact sampler
         report |= r.against_exact(args.num_eval)
     (args.out / "diagnostics.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -175,6 +191,11 @@ def _run_sample(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         ("PSIS k-hat", f"{d.k_hat:.2f} ({d.verdict})"),
         ("ESS", f"{d.ess:.0f} of {d.num_samples}"),
     ]
+    if args.repeats > 1:
+        k_hats = sorted(f.diagnostics.k_hat for f in fits)
+        usable = sum(k < 0.7 for k in k_hats)
+        rows.append(("k-hat, seeds", f"{', '.join(f'{k:.2f}' for k in k_hats)} ({usable} "
+                     f"of {len(k_hats)} below 0.7)"))  # fmt: skip
     if "forward_kl" in report:
         rows.append(("KL(p || q)", f"{report['forward_kl']:.4f}"))
     if r.stopped:

@@ -4,8 +4,9 @@
 >>> r = pf.fit("banana", "planar", num_layers=2, steps=5, num_eval=200, progress=False)
 >>> folder = pathlib.Path(tempfile.mkdtemp())
 >>> plot_fit(r, folder / "fit.png"); plot_losses(r.losses, folder / "loss.png")
+>>> plot_k_hats([0.3, 0.9], folder / "k_hat.png")
 >>> sorted(p.name for p in folder.iterdir())
-['fit.png', 'loss.png']
+['fit.png', 'k_hat.png', 'loss.png']
 """
 
 from __future__ import annotations
@@ -98,5 +99,19 @@ def plot_losses(losses: Sequence[float], path: str | Path) -> None:
         low, high = sorted(losses)[0], sorted(losses)[int(0.95 * (len(losses) - 1))]
         ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
     ax.set(xlabel="step", ylabel="loss: E_q[log q - log p]", title="reverse-KL fit")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_k_hats(k_hats: Sequence[float], path: str | Path) -> None:
+    """PSIS k-hat of repeated fits (one per seed) against Yao et al.'s 0.5 and 0.7 lines:
+    how often a fit of this recipe and budget can be trusted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(len(k_hats)), k_hats, "o")
+    for level, label in ((0.5, "good below"), (0.7, "unreliable above")):
+        ax.axhline(level, color="k", linewidth=0.8, linestyle="--")
+        ax.annotate(f"{label} {level}", (0, level), xytext=(2, 2), textcoords="offset points")
+    ax.set(xlabel="seed (offset)", ylabel="PSIS k-hat", title="k-hat over repeated fits")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -204,6 +204,7 @@ def test_sample_command_writes_draws_diagnostics_and_figures(tmp_path, capsys):
         out = tmp_path / name
         args = ["sample", "--target", name, "--flow", "planar", "--layers", "2", "--steps", "5"]
         args += ["--num-eval", "300", "--out", str(out)] + (["--dim", str(dim)] if dim else [])
+        args += ["--repeats", "2"] if dim is None else []
         with warnings.catch_warnings():  # five steps: a poor fit, which may warn
             warnings.simplefilter("ignore", RuntimeWarning)
             assert main(args) == 0
@@ -215,6 +216,9 @@ def test_sample_command_writes_draws_diagnostics_and_figures(tmp_path, capsys):
         idata = az.from_netcdf(str(out / "samples.nc"))
         assert idata.posterior["x"].shape == (1, 300, dim or 2)
         assert (out / "fit.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+        if dim is None:  # two seeds: their k-hats, listed and plotted
+            assert [run["seed"] for run in report["repeats"]] == [0, 1]
+            assert (out / "k_hat.png").stat().st_size > 0 and "k-hat, seeds" in printed
 
 
 def test_sample_command_refuses_bad_input(capsys):
