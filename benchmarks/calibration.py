@@ -19,37 +19,20 @@ import warnings
 import common
 import guides
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal
 
 import pyroflows as pf
+from pyroflows import posteriors
 from pyroflows.infer import weights
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
-
-
-def eight_schools(device):
-    y, sigma = Y.to(device), SIGMA.to(device)
-
-    def model():
-        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, device=device), 5.0))
-        tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(5.0, device=device)))
-        with pyro.plate("schools", 8):
-            eta = pyro.sample("eta", dist.Normal(torch.tensor(0.0, device=device), 1.0))
-            pyro.sample("y", dist.Normal(mu + tau * eta, sigma), obs=y)
-
-    return model, 10
-
-
 POSTERIORS = {
-    "eight-schools-noncentred": eight_schools,
+    "eight-schools-noncentred": lambda device: (posteriors.eight_schools(device), 10),
     "logistic-31d": guides.logistic,
     "funnel-10d": guides.funnel,
 }

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .infer.weights import weighted_draws
+
 GOOD, USABLE = 0.5, 0.7  # k-hat thresholds of Yao et al. (2018)
 
 
@@ -174,8 +176,6 @@ def to_inference_data(
     >>> idata.posterior["mu"].shape, idata.observed_data["y"].dims
     ((1, 50), ('data',))
     """
-    from .fit_model import weighted_draws
-
     draws, log_w, sites = weighted_draws(model, guide, args, kwargs, num_samples, chunk_size)
     _, k_hat = psis(log_w)
     observed = {s["name"]: s["value"] for s in sites if s["is_observed"]}

@@ -29,8 +29,9 @@ from tqdm.auto import trange
 
 from . import _checks, diagnostics
 from .autoguide import init_to_median_or_feasible
-from .fit_model import fit_model, optimize, weighted_draws
+from .fit_model import fit_model, optimize
 from .flows import RECIPES, build
+from .infer.weights import weighted_draws
 from .targets import Target
 from .targets import target as make_target
 
@@ -228,9 +229,7 @@ def fit(
         log_q, values = q.log_prob(x), log_p(x)
     report = diagnostics.importance_diagnostics(values, log_q, warn=False)
     _warn_if_unreliable(report)
-    result = FitResult(q, log_p, losses, report, stopped)
-    result._eval = (x, values, log_q)
-    return result
+    return FitResult(q, log_p, losses, report, stopped, _eval=(x, values, log_q))
 
 
 def _warn_if_unreliable(report: diagnostics.ImportanceDiagnostics) -> None:

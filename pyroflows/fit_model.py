@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from . import diagnostics
@@ -51,7 +50,7 @@ def fit_model(
         return objective.differentiable_loss(model, guide, *args, **kwargs), None
 
     losses, stopped = optimize(loss_at, guide, make_optimizer, steps, progress)
-    samples, log_w, _ = weighted_draws(model, guide, args, kwargs, num_eval)
+    samples, log_w, _ = w.weighted_draws(model, guide, args, kwargs, num_eval)
     zeros = torch.zeros_like(log_w)
     return {
         "q": guide.get_posterior(*args, **kwargs),
@@ -105,29 +104,3 @@ def _nonfinite_gradient(step: int, module: torch.nn.Module) -> str | None:
         if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
             return f"the gradient of {name} is not finite at step {step}; lower lr"
     return None
-
-
-def weighted_draws(
-    model, guide, args, kwargs, num: int, chunk: int = 500
-) -> tuple[dict[str, Tensor], Tensor, list[dict]]:
-    """``num`` draws of any guide for ``model``: the model's latent sites with their own
-    shapes ``(num, *shape)``, the log weights ``log p(x, z) - log q(z)`` summed over data,
-    and the sample sites of one unvectorized run (for shapes, plates and observed data)."""
-    with torch.no_grad():
-        one_model, one_guide = w._one_run(model, guide, args, kwargs)
-        nesting = w._nesting(one_model, one_guide)
-        sites = [
-            s for s in prune_subsample_sites(one_model).nodes.values() if s["type"] == "sample"
-        ]
-        latent = {s["name"]: s["value"].shape for s in sites if not s["is_observed"]}
-        draws: dict[str, list[Tensor]] = {name: [] for name in latent}
-        log_w = []
-        for start in range(0, num, chunk):
-            k = min(chunk, num - start)
-            model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting)
-            values = w.log_weights(model_trace, guide_trace, nesting).values
-            log_w.append(values.reshape(k, -1).sum(-1))
-            for name, shape in latent.items():
-                value = model_trace.nodes[name]["value"]
-                draws[name].append(value.expand(k, *value.shape[1:]).reshape(k, *shape))
-    return {name: torch.cat(parts) for name, parts in draws.items()}, torch.cat(log_w), sites

@@ -308,3 +308,29 @@ def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int
     if is_validation_enabled():
         assert set(record.log_probs) == {s["name"] for s in _latent_sites(guide_trace)}
     return record.log_probs
+
+
+def weighted_draws(
+    model, guide, args, kwargs, num: int, chunk: int = 500
+) -> tuple[dict[str, Tensor], Tensor, list[dict]]:
+    """``num`` draws of any guide for ``model``: the model's latent sites with their own
+    shapes ``(num, *shape)``, the log weights ``log p(x, z) - log q(z)`` summed over data,
+    and the sample sites of one unvectorized run (for shapes, plates and observed data)."""
+    with torch.no_grad():
+        one_model, one_guide = _one_run(model, guide, args, kwargs)
+        nesting = _nesting(one_model, one_guide)
+        sites = [
+            s for s in prune_subsample_sites(one_model).nodes.values() if s["type"] == "sample"
+        ]
+        latent = {s["name"]: s["value"].shape for s in sites if not s["is_observed"]}
+        draws: dict[str, list[Tensor]] = {name: [] for name in latent}
+        log_w = []
+        for start in range(0, num, chunk):
+            k = min(chunk, num - start)
+            model_trace, guide_trace = traces(model, guide, args, kwargs, k, nesting)
+            values = log_weights(model_trace, guide_trace, nesting).values
+            log_w.append(values.reshape(k, -1).sum(-1))
+            for name, shape in latent.items():
+                value = model_trace.nodes[name]["value"]
+                draws[name].append(value.expand(k, *value.shape[1:]).reshape(k, *shape))
+    return {name: torch.cat(parts) for name, parts in draws.items()}, torch.cat(log_w), sites
