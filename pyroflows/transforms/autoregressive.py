@@ -88,21 +88,24 @@ class Autoregressive(Flow):
         if self.direction == "iaf":
             scale, shift, log_scale = self._affine(x, self.net.bind(context))
             return torch.addcmul(shift, x, scale), log_scale.sum(-1)
-        return self._solve(x, context, lambda scale, shift: torch.addcmul(shift, x, scale))
+        return self._solve(
+            x, self.net.bind(context), lambda scale, shift: torch.addcmul(shift, x, scale)
+        )
 
     def _backward(
         self, y: Tensor, context: Tensor | None, start: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        net = self.net.bind(context)
         if self.direction == "maf":
-            scale, shift, log_scale = self._affine(y, self.net.bind(context))
+            scale, shift, log_scale = self._affine(y, net)
             return (y - shift) / scale, -log_scale.sum(-1)
         if start is not None:
-            x = self._newton_step(y, context, start)
-            return x, -self._affine(x, self.net.bind(context))[2].sum(-1)
-        x, ladj = self._solve(y, context, lambda scale, shift: (y - shift) / scale)
+            x = self._newton_step(y, net, start)
+            return x, -self._affine(x, net)[2].sum(-1)
+        x, ladj = self._solve(y, net, lambda scale, shift: (y - shift) / scale)
         return x, -ladj
 
-    def _newton_step(self, y: Tensor, context: Tensor | None, start: Tensor) -> Tensor:
+    def _newton_step(self, y: Tensor, net: Callable, start: Tensor) -> Tensor:
         """The IAF's inverse at ``y`` from a known solution ``start`` (see
         ``Flow._warm_start``): ``x = start + J⁻¹ (y - f(start))`` with the Jacobian ``J`` of
         the forward map at ``start``, triangular in the autoregressive order.
@@ -112,7 +115,6 @@ class Autoregressive(Flow):
         comes from ``dim`` vector-Jacobian products in one batched call, without a graph.
         """
         start = start.detach()
-        net = self.net.bind(context)
 
         def forward(x: Tensor) -> Tensor:
             scale, shift, _ = self._affine(x, net)
@@ -129,7 +131,7 @@ class Autoregressive(Flow):
         step = torch.linalg.solve_triangular(jac, residual, upper=False).squeeze(-1)
         return start + step[..., torch.argsort(perm)]
 
-    def _solve(self, value: Tensor, context: Tensor | None, update) -> tuple[Tensor, Tensor]:
+    def _solve(self, value: Tensor, net: Callable, update) -> tuple[Tensor, Tensor]:
         """The sequential direction: ``dim`` network passes, pass ``k`` fixing coordinate
         ``permutation[k]`` from the ones fixed before it; returns it with ``Σ log σ``.
 
@@ -138,7 +140,6 @@ class Autoregressive(Flow):
         spread NaN to coordinates that never depend on it.
         """
         out = torch.zeros_like(value)
-        net = self.net.bind(context)
         for position in self._order:
             scale, shift, log_scale = self._affine(out, net)
             out = torch.where(position, update(scale, shift), out)
