@@ -45,13 +45,11 @@ GUIDES = {
 
 def diagnose(model, guide, draws: int) -> tuple[float, float, float]:
     """(k-hat, ESS / draws, ELBO) from ``draws`` importance weights."""
-    with torch.no_grad():
-        nesting = weights.plate_nesting(model, guide, (), {})
-        traces = weights.traces(model, guide, (), {}, draws, nesting)
-        lw = weights.log_weights(*traces, nesting).values.double().cpu()
-    _, k_hat = az.psislw(lw.numpy().copy())
+    _, lw, _ = weights.weighted_draws(model, guide, (), {}, draws, chunk=draws)
+    lw = lw.double().cpu()
+    _, k_hat = pf.diagnostics.psis(lw)
     ess = torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)).item()
-    return float(k_hat), ess / draws, lw.mean().item()
+    return k_hat, ess / draws, lw.mean().item()
 
 
 def main() -> None:
