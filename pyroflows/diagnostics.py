@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pyro import poutine
 from torch import Tensor
 
 from .infer.weights import weighted_draws
@@ -158,13 +159,18 @@ def draws_to_inference_data(
 @torch.no_grad()
 def to_inference_data(
     model: Any, guide: Any, *args: Any, num_samples: int = 1000, chunk_size: int = 500,
-    **kwargs: Any,
+    posterior_predictive: bool = False, **kwargs: Any,
 ) -> Any:  # fmt: skip
     """``num_samples`` draws of any guide (``AutoFlow``, Pyro's autoguides, an amortized
     guide) for ``model(*args, **kwargs)`` as arviz ``InferenceData``: a ``posterior`` group by
     latent site with the model's shapes (plate dimensions named after their plates),
     ``sample_stats`` with each draw's log importance ratio ``log p(x, z) - log q(z)`` (summed
     over data), ``observed_data``, and the PSIS k-hat as the attribute ``pareto_k``.
+
+    With ``posterior_predictive=True`` a ``posterior_predictive`` group holds one replicate of
+    every observed site per draw, from Pyro's ``Predictive`` run on the same draws. The draws
+    are the guide's, not reweighted: where k-hat is high, resample them by their importance
+    ratios before reading predictive checks.
 
     >>> import pyro, pyro.distributions as dist
     >>> from pyro.infer.autoguide import AutoNormal
@@ -175,6 +181,10 @@ def to_inference_data(
     >>> idata = to_inference_data(model, AutoNormal(model), torch.zeros(3), num_samples=50)
     >>> idata.posterior["mu"].shape, idata.observed_data["y"].dims
     ((1, 50), ('data',))
+    >>> idata = to_inference_data(model, AutoNormal(model), torch.zeros(3), num_samples=50,
+    ...                           posterior_predictive=True)
+    >>> idata.posterior_predictive["y"].shape
+    (1, 50, 3)
     """
     draws, log_w, sites = weighted_draws(model, guide, args, kwargs, num_samples, chunk_size)
     _, k_hat = psis(log_w)
@@ -185,6 +195,12 @@ def to_inference_data(
         "sample_stats": {"log_importance_ratio": log_w},
         "observed_data": observed,
     }
+    if posterior_predictive:
+        from pyro.infer import Predictive
+
+        replicate = poutine.uncondition(model)  # observed sites drawn afresh
+        predict = Predictive(replicate, posterior_samples=draws, return_sites=list(observed))
+        groups["posterior_predictive"] = predict(*args, **kwargs)
     return _from_dict(groups, dims=dims, attrs={"pareto_k": k_hat})
 
 

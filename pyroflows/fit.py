@@ -77,8 +77,9 @@ class FitResult:
     _eval: tuple[Any, Tensor, Tensor] | None = field(default=None, repr=False)
     _model_call: tuple | None = field(default=None, repr=False)
 
-    def sample(self, shape: tuple[int, ...] = ()) -> Tensor | dict[str, Tensor]:
+    def sample(self, shape: int | tuple[int, ...] = ()) -> Tensor | dict[str, Tensor]:
         """Draws of ``q``; for a Pyro model a dict of site values with ``shape`` in front."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if self._model_call is None:
             with torch.no_grad():
                 return self.q.sample(shape)

@@ -32,7 +32,7 @@ def test_fit_finds_log_z_of_a_rotated_ill_conditioned_gaussian(estimator):
     assert abs(d.log_z - target.log_z) < 3 * d.log_z_stderr + 0.01
     assert len(r.losses) == 300 and r.losses[-1] < r.losses[0] and r.stopped is None
     x = r.sample((5,))
-    assert x.shape == (5, 2) and r.q.log_prob(x).shape == (5,)
+    assert x.shape == (5, 2) and r.q.log_prob(x).shape == (5,) and r.sample(4).shape == (4, 2)
     exact = r.against_exact(4000)
     assert exact["forward_kl"] < 0.02 and exact["sliced_wasserstein"] < 0.2
 
@@ -173,7 +173,7 @@ def test_fit_of_a_pyro_model_matches_the_posterior_means_by_quadrature():
     assert abs(draws["w"].mean().item() - exact["w"]) < 0.1  # posterior sd 0.4
     assert abs(draws["b"].mean().item() - exact["b"]) < 0.3  # posterior sd 1.2
     idata = r.to_inference_data()
-    assert idata.posterior["w"].shape == (1, 2000) and r.sample((7,))["b"].shape == (7,)
+    assert idata.posterior["w"].shape == (1, 2000) and r.sample(7)["b"].shape == (7,)
 
 
 def test_a_factor_model_with_improper_sites_fits_as_written():
