@@ -8,7 +8,8 @@ Every contender gets the same steps, particles per step, optimiser (Adam, ``--lr
 schedule to zero) and seed. pyroflows fits each density with :func:`pyroflows.fit`; Pyro's
 guides (``AutoIAFNormal`` with 2 layers; ``AutoNormalizingFlow`` with 8 planar layers and with
 2 block neural autoregressive layers) fit the density written as a Pyro model with
-``Trace_ELBO`` and vectorized particles, Pyro's fastest path. Then
+``Trace_ELBO`` and vectorized particles, Pyro's fastest path; the logistic regression is a
+Pyro model already, which pyroflows fits through ``AutoFlow``. Then
 ``--num-eval`` draws of each give the importance ESS, the PSIS k-hat (arviz) and log Z, whose
 error is reported where the target's log Z is known. Time per step is the mean over the fit
 (fits run one after another, so compare ratios of like with like). Prints a table and writes
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import time
 import warnings
+from collections.abc import Callable
 
 import common
 import pyro
@@ -32,12 +35,22 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
 
 import pyroflows as pf
 from pyroflows.infer import weights
+from pyroflows.posteriors import POSTERIORS
 
 TARGETS = {  # name: (target name, dim)
     "u1": ("u1", None), "u2": ("u2", None), "u3": ("u3", None), "u4": ("u4", None),
     "ring": ("ring", None), "grid": ("grid", None), "gmm40": ("gmm40", None),
     "funnel-10": ("funnel", 10), "banana-10": ("banana", 10), "many-well-32": ("many-well", 32),
+    "logistic-regression": ("logistic-regression", None),  # a Pyro model: pyroflows.posteriors
 }  # fmt: skip
+
+
+def density(label: str, device) -> pf.targets.Target | Callable[[], None]:
+    """The target by its table label: a pyroflows target, or a posterior's Pyro model."""
+    name, dim = TARGETS[label]
+    if name in POSTERIORS:
+        return POSTERIORS[name](device)
+    return pf.targets.target(name, dim).to(device)
 
 
 def as_model(target: pf.targets.Target, device):
@@ -67,7 +80,8 @@ def pyro_guides() -> dict:
 def fit_pyro(make, target, args, device) -> dict:
     pyro.clear_param_store()
     torch.manual_seed(args.seed)
-    model = as_model(target, device)
+    is_target = isinstance(target, pf.targets.Target)
+    model = as_model(target, device) if is_target else target
     guide = make(model)
     guide()
     guide.to(device)
@@ -83,8 +97,9 @@ def fit_pyro(make, target, args, device) -> dict:
     common.sync(device)
     step_ms = 1e3 * (time.perf_counter() - start) / args.steps
     with torch.no_grad():
-        traces = weights.traces(model, guide, (), {}, args.num_eval, 1)
-        log_w = weights.log_weights(*traces, 1).values
+        nesting = weights.plate_nesting(model, guide, (), {})
+        traces = weights.traces(model, guide, (), {}, args.num_eval, nesting)
+        log_w = weights.log_weights(*traces, nesting).values
     report = pf.diagnostics.importance_diagnostics(log_w, torch.zeros_like(log_w), warn=False)
     return {"step_ms": step_ms, **_figures(report, target)}
 
@@ -103,7 +118,8 @@ def fit_ours(flow: str, target, args, device) -> dict:
 
 
 def _figures(d, target) -> dict:
-    error = abs(d.log_z - target.log_z) if target.log_z is not None else None
+    log_z = getattr(target, "log_z", None)  # None for a Pyro model
+    error = abs(d.log_z - log_z) if log_z is not None else None
     return {"ess_percent": 100 * d.ess / d.num_samples, "k_hat": d.k_hat,
             "log_z": d.log_z, "log_z_error": error}  # fmt: skip
 
@@ -130,11 +146,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
     warnings.simplefilter("ignore", RuntimeWarning)  # verdicts are in the table
+    logging.getLogger("pyro").setLevel(logging.WARNING)  # "Guessed max_plate_nesting"
     rows = []
-    print(f"{'target':14}{'contender':22}{'ms/step':>9}{'ESS %':>8}{'k-hat':>7}{'|log Z err|':>12}")
+    print(f"{'target':21}{'contender':22}{'ms/step':>9}{'ESS %':>8}{'k-hat':>7}{'|log Z err|':>12}")
     for label in args.targets:
-        name, dim = TARGETS[label]
-        target = pf.targets.target(name, dim).to(device)
+        target = density(label, device)
         contenders = {f"pyroflows {f}": functools.partial(fit_ours, f) for f in args.flows}
         if not args.no_pyro:
             contenders |= {k: functools.partial(fit_pyro, m) for k, m in pyro_guides().items()}
@@ -145,11 +161,11 @@ def main() -> None:
                 figures = {"fails": str(error).splitlines()[0]}
             rows.append({"target": label, "contender": contender, **figures})
             if "fails" in figures:
-                print(f"{label:14}{contender:22} fails: {figures['fails'][:60]}")
+                print(f"{label:21}{contender:22} fails: {figures['fails'][:60]}")
                 continue
             error = figures["log_z_error"]
             print(
-                f"{label:14}{contender:22}{figures['step_ms']:9.1f}{figures['ess_percent']:8.1f}"
+                f"{label:21}{contender:22}{figures['step_ms']:9.1f}{figures['ess_percent']:8.1f}"
                 f"{figures['k_hat']:7.2f}{'-' if error is None else f'{error:.3f}':>12}"
             )
     settings = {k: getattr(args, k) for k in ("steps", "particles", "lr", "num_eval", "seed",
