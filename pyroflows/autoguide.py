@@ -194,7 +194,8 @@ class AmortizedFlowGuide(nn.Module):
     ``encoder(x)`` returns a context ``h`` of size ``context_dim``; linear heads give the base
     ``N(μ(h), σ(h))`` and the flow ``pyroflows.build(flow, latent_dim, num_layers,
     context_dim, **flow_options)`` is conditioned on ``h`` (the IAF, Sylvester and FFJORD VAEs'
-    construction). ``x`` has shape ``(batch, *features)``. The latent site ``site`` is sampled
+    construction); ``flow=None`` leaves the diagonal Gaussian alone (the plain VAE's guide).
+    ``x`` has shape ``(batch, *features)``. The latent site ``site`` is sampled
     inside ``pyro.plate(plate, len(x))``, which must match the model's data plate. Where the
     model subsamples (``pyro.plate("data", N, subsample=idx)``), pass ``create_plates``, a
     function of the guide's arguments that returns the same plate, as for Pyro's autoguides:
@@ -213,7 +214,7 @@ class AmortizedFlowGuide(nn.Module):
         encoder: nn.Module,
         latent_dim: int,
         context_dim: int,
-        flow: str = "iaf",
+        flow: str | None = "iaf",
         num_layers: int = 2,
         *,
         site: str = "z",
@@ -222,13 +223,16 @@ class AmortizedFlowGuide(nn.Module):
         **flow_options: Any,
     ) -> None:
         super().__init__()
-        _recipe(flow, num_layers)
+        if flow is not None:
+            _recipe(flow, num_layers)
         self.latent_dim = _checks.positive_int("latent_dim", latent_dim)
         self.context_dim = _checks.positive_int("context_dim", context_dim)
         self.encoder = encoder
         self.loc = nn.Linear(context_dim, latent_dim)
         self.scale = nn.Linear(context_dim, latent_dim)
-        self.flow = build(flow, latent_dim, num_layers, context_dim=context_dim, **flow_options)
+        self.flow = None
+        if flow is not None:
+            self.flow = build(flow, latent_dim, num_layers, context_dim=context_dim, **flow_options)
         self.site, self.plate, self.create_plates = site, plate, create_plates
 
     def posterior(self, x: Tensor) -> dist.Distribution:
@@ -240,6 +244,8 @@ class AmortizedFlowGuide(nn.Module):
                 f"got {tuple(h.shape)}"
             )
         base = dist.Normal(self.loc(h), F.softplus(self.scale(h)) + 1e-5).to_event(1)
+        if self.flow is None:
+            return base
         # the layers one by one: the flow's own ``condition`` would build a module per call,
         # whose reference cycles keep each call's tensors until the garbage collector runs
         return dist.TransformedDistribution(base, [t.condition(h) for t in self.flow.transforms])

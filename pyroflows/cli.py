@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
         help="where to save the plot, '' for none (default: banana.png)",
     )
     _sample_parser(commands)
+    from .vae.command import add_parser
+
+    add_parser(commands, _positive_int)
     return out
 
 
@@ -211,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if args.command == "sample":
         return _run_sample(cli, args)
+    if args.command == "vae":
+        from .vae.command import run
+
+        return run(cli, args)
     if args.command != "demo":
         cli.print_help()
         return 0

@@ -1,4 +1,5 @@
-"""Figures of a reverse-KL fit, written to files with matplotlib (no display needed).
+"""Figures of a reverse-KL fit and of VAE training, written to files with matplotlib (no
+display needed).
 
 >>> import pyroflows as pf, tempfile, pathlib
 >>> r = pf.fit("banana", "planar", num_layers=2, steps=5, num_eval=200, progress=False)
@@ -115,3 +116,42 @@ def plot_k_hats(k_hats: Sequence[float], path: str | Path) -> None:
     ax.set(xlabel="seed (offset)", ylabel="PSIS k-hat", title="k-hat over repeated fits")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_training(history: Sequence[dict[str, float]], path: str | Path) -> None:
+    """A VAE run's training loss and validation -ELBO per image, per epoch (the records of
+    :class:`pyroflows.vae.TrainRun`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train (with β, free bits)")
+    ax.plot(epochs, [h["valid_loss"] for h in history], label="validation -ELBO")
+    ax.set(xlabel="epoch", ylabel="nats per image", title="VAE training")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_images(
+    blocks: Sequence[Tensor], image_shape: tuple[int, int], path: str | Path, columns: int
+) -> None:  # fmt: skip
+    """Grey images ``(n, H * W)`` with values in [0, 1], tiled ``columns`` to a row; each
+    tensor in ``blocks`` starts a new row."""
+    plt = _pyplot()
+    grid = torch.cat([_tiles(images.detach().cpu(), image_shape, columns) for images in blocks])
+    inches = max(4 / max(grid.shape), 1 / 40)  # per pixel: at least 4 inches on the long side
+    fig, ax = plt.subplots(figsize=(grid.shape[1] * inches, grid.shape[0] * inches))
+    ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _tiles(images: Tensor, shape: tuple[int, int], columns: int) -> Tensor:
+    h, w = shape
+    rows = -(-len(images) // columns)
+    grid = images.new_zeros(rows * (h + 1), columns * (w + 1))
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
+    return grid

@@ -1,0 +1,80 @@
+"""Test figures of a trained :class:`~pyroflows.vae.VAE`: -ELBO and the importance-sampled
+negative log-likelihood (the papers' NLL, K = 5000), and image grids.
+
+>>> from pyroflows.vae import VAE
+>>> vae = VAE((8, 8), latent_dim=2, flow="planar", num_layers=1, hidden_dim=16)
+>>> x = torch.bernoulli(torch.full((4, 64), 0.5))
+>>> r = evaluate(vae, x, num_samples=200)
+>>> sorted(r), r["nll"] <= r["neg_elbo"] + 1.0
+(['images', 'neg_elbo', 'nll', 'nll_stderr', 'num_samples'], True)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import _checks, plots
+from ..infer.evaluation import log_marginal_likelihood
+from .models import VAE
+
+
+@torch.no_grad()
+def evaluate(
+    vae: VAE,
+    x: Tensor,
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    chunk_size: int = 500,
+    progress: bool = False,
+) -> dict[str, float]:
+    """On the images ``x``: ``neg_elbo``, -ELBO per image (averaged over up to 100 draws per
+    image), and ``nll``, ``-log p(x)`` per image from
+    :func:`~pyroflows.infer.log_marginal_likelihood` with ``num_samples`` importance
+    samples drawn ``chunk_size`` at a time, ``batch_size`` images at a time, with its
+    standard error ``nll_stderr``."""
+    x = vae.check_images(x)
+    _checks.positive_int("num_samples", num_samples)
+    _checks.positive_int("batch_size", batch_size)
+    vae.eval()
+    log_px, variance, elbo = [], 0.0, 0.0
+    starts = range(0, len(x), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="log p(x)", unit="batch")
+    for i in starts:
+        batch = x[i : i + batch_size]
+        r = log_marginal_likelihood(vae.model, vae.guide, batch, num_samples=num_samples,
+                                    chunk_size=chunk_size, max_plate_nesting=1)  # fmt: skip
+        log_px.append(r.log_px)
+        if num_samples > 1:
+            variance += (r.stderr**2).sum().item()
+        draws = min(num_samples, 100)
+        elbo += sum(vae.loss(batch).item() for _ in range(draws)) / draws
+    n = len(x)
+    return {
+        "neg_elbo": elbo / n,
+        "nll": -torch.cat(log_px).mean().item(),
+        "nll_stderr": math.sqrt(variance) / n if num_samples > 1 else math.nan,
+        "num_samples": num_samples,
+        "images": n,
+    }
+
+
+@torch.no_grad()
+def save_figures(vae: VAE, x: Tensor, out: str | Path, num_images: int = 64) -> list[Path]:
+    """``samples.png`` (``num_images`` images decoded from the prior) and
+    ``reconstructions.png`` (the first 32 of ``x`` above, one posterior reconstruction of
+    each below) in the folder ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x = vae.check_images(x)[:32]
+    shape = vae.image_shape
+    samples, reconstructions = out / "samples.png", out / "reconstructions.png"
+    plots.plot_images([vae.sample(num_images)], shape, samples, math.ceil(num_images**0.5))
+    plots.plot_images([x, vae.reconstruct(x)], shape, reconstructions, 16)
+    return [samples, reconstructions]

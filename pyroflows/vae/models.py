@@ -1,0 +1,204 @@
+"""A VAE with a Bernoulli decoder as a Pyro model, and its amortized flow posterior.
+
+The posterior is chosen by recipe name: ``"none"`` (the diagonal Gaussian of the plain VAE),
+or any of :data:`POSTERIORS` (``planar``, ``radial``, ``iaf``, ``sylvester-o``/``-h``/``-t``,
+``cnf``, ...), conditioned on the encoder's output as in the IAF and Sylvester-flow papers.
+Two architectures: ``"mlp"`` (two hidden layers each way) and ``"conv"``, the gated
+convolutions of van den Berg et al. (2018), for 28x28 images.
+
+>>> vae = VAE((8, 8), latent_dim=4, flow="planar", num_layers=2, hidden_dim=32)
+>>> x = torch.bernoulli(torch.full((5, 64), 0.3))
+>>> vae.loss(x).shape, vae.model(x).shape
+(torch.Size([]), torch.Size([5, 64]))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _checks
+from ..autoguide import AmortizedFlowGuide
+from ..flows import RECIPES
+
+POSTERIORS = ("none", *RECIPES)
+ARCHITECTURES = ("mlp", "conv")
+
+
+class VAE(nn.Module):
+    """``p(z) = N(0, I)``, ``p(x | z) = Bernoulli(decoder(z))`` over the flattened pixels, and
+    ``q(z | x)`` an :class:`~pyroflows.AmortizedFlowGuide` with ``flow``.
+
+    ``model(x)`` and ``guide(x)`` are a Pyro model and guide for ``x`` of shape ``(batch,
+    H * W)`` (0/1 floats): use them with SVI, the objectives and
+    :func:`~pyroflows.infer.log_marginal_likelihood`. :meth:`loss` computes the same
+    objective as ``pyroflows.infer.ELBO(kl_weight=..., free_bits=...).differentiable_loss``
+    without Pyro's tracing, the fast path the trainer uses (a test checks they agree).
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int] = (28, 28),
+        latent_dim: int = 64,
+        flow: str = "iaf",
+        num_layers: int = 4,
+        *,
+        architecture: str = "mlp",
+        hidden_dim: int = 300,
+        **flow_options: Any,
+    ) -> None:
+        super().__init__()
+        _checks.one_of("flow", flow, POSTERIORS)
+        _checks.one_of("architecture", architecture, ARCHITECTURES)
+        shape = _checks.int_sequence("image_shape", image_shape)
+        if len(shape) != 2:
+            raise ValueError(f"image_shape must be (height, width), got {image_shape!r}")
+        if architecture == "conv" and shape != (28, 28):
+            raise ValueError(
+                f"architecture='conv' is built for 28x28 images, got image_shape {shape}; "
+                "use architecture='mlp' for other sizes"
+            )
+        self.image_shape = shape
+        self.pixels = shape[0] * shape[1]
+        self.latent_dim = _checks.positive_int("latent_dim", latent_dim)
+        hidden = _checks.positive_int("hidden_dim", hidden_dim)
+        if architecture == "mlp":
+            encoder, context_dim = _mlp(self.pixels, hidden, hidden), hidden
+            self.decoder = nn.Sequential(
+                _mlp(latent_dim, hidden, hidden), nn.Linear(hidden, self.pixels)
+            )
+        else:
+            encoder, context_dim = GatedConvEncoder(), GatedConvEncoder.context_dim
+            self.decoder = GatedConvDecoder(latent_dim)
+        self.guide = AmortizedFlowGuide(
+            encoder, latent_dim, context_dim, None if flow == "none" else flow, num_layers,
+            site="z", plate="data", **flow_options,
+        )  # fmt: skip
+        self.config = {
+            "image_shape": list(shape), "latent_dim": latent_dim, "flow": flow,
+            "num_layers": num_layers, "architecture": architecture, "hidden_dim": hidden,
+            **flow_options,
+        }  # fmt: skip
+
+    def check_images(self, x: Tensor, name: str = "x") -> Tensor:
+        """``x`` as ``(batch, H * W)``, checked against the architecture's image size."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != self.pixels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} must have shape (batch, {self.pixels}) for {self.image_shape[0]}x"
+                f"{self.image_shape[1]} images, got {shape}"
+            )
+        return x
+
+    def model(self, x: Tensor) -> Tensor:
+        """The generative model; returns the decoder's pixel probabilities."""
+        pyro.module("decoder", self.decoder)
+        prior = dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", prior)
+            logits = self.decoder(z)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+        return torch.sigmoid(logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.loss(x)
+
+    def loss(self, x: Tensor, kl_weight: float = 1.0, free_bits: float = 0.0) -> Tensor:
+        """``-(E_q[log p(x | z)] - kl_weight * KL)`` summed over the batch, one draw of
+        ``z`` per image; with ``free_bits`` λ the KL is ``max(λ, mean KL) * batch``."""
+        q = self.guide.posterior(x)
+        z = q.rsample()
+        log_q = q.log_prob(z)  # the flow's cache: no inverse
+        log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        likelihood = -F.binary_cross_entropy_with_logits(
+            self.decoder(z), x, reduction="none"
+        ).sum(-1)  # fmt: skip
+        if kl_weight == 1.0 and not free_bits:
+            return -(likelihood + log_prior - log_q).sum()
+        kl = log_q - log_prior
+        kl = torch.clamp(kl.mean(), min=free_bits) * kl.numel() if free_bits else kl.sum()
+        return kl_weight * kl - likelihood.sum()
+
+    @torch.no_grad()
+    def sample(self, num_images: int) -> Tensor:
+        """Pixel probabilities of ``num_images`` images decoded from the prior."""
+        z = torch.randn(num_images, self.latent_dim, device=_device(self))
+        return torch.sigmoid(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Pixel probabilities decoded from one posterior draw per image."""
+        return torch.sigmoid(self.decoder(self.guide.posterior(x).sample()))
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _mlp(inputs: int, *widths: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(inputs, width), nn.ReLU()]
+        inputs = width
+    return nn.Sequential(*layers)
+
+
+class GatedConv(nn.Module):
+    """``conv_h(x) * sigmoid(conv_g(x))`` (Dauphin et al., 2017), as in the Sylvester-flow
+    VAE; ``transpose`` uses transposed convolutions."""
+
+    def __init__(self, inputs: int, outputs: int, kernel: int, stride: int = 1,
+                 padding: int = 0, output_padding: int = 0, transpose: bool = False,
+                 ) -> None:  # fmt: skip
+        super().__init__()
+        if transpose:
+            args = (inputs, outputs, kernel, stride, padding, output_padding)
+            self.h, self.g = nn.ConvTranspose2d(*args), nn.ConvTranspose2d(*args)
+        else:
+            args = (inputs, outputs, kernel, stride, padding)
+            self.h, self.g = nn.Conv2d(*args), nn.Conv2d(*args)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+class GatedConvEncoder(nn.Module):
+    """28x28 images ``(..., 784)`` to a 256-wide context (van den Berg et al., 2018)."""
+
+    context_dim = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            GatedConv(1, 32, 5, 1, 2), GatedConv(32, 32, 5, 2, 2), GatedConv(32, 64, 5, 1, 2),
+            GatedConv(64, 64, 5, 2, 2), GatedConv(64, 64, 5, 1, 2), GatedConv(64, 256, 7, 1, 0),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.shape[:-1]
+        h = self.net(x.reshape(-1, 1, 28, 28))
+        return h.reshape(*batch, self.context_dim)
+
+
+class GatedConvDecoder(nn.Module):
+    """Latent codes ``(..., latent_dim)`` to the logits of 784 pixels."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        t = {"transpose": True}
+        self.net = nn.Sequential(
+            GatedConv(latent_dim, 64, 7, 1, 0, **t), GatedConv(64, 64, 5, 1, 2, **t),
+            GatedConv(64, 32, 5, 2, 2, 1, **t), GatedConv(32, 32, 5, 1, 2, **t),
+            GatedConv(32, 32, 5, 2, 2, 1, **t), GatedConv(32, 32, 5, 1, 2, **t),
+            nn.Conv2d(32, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, z: Tensor) -> Tensor:
+        batch = z.shape[:-1]
+        logits = self.net(z.reshape(-1, z.shape[-1], 1, 1))
+        return logits.reshape(*batch, 784)
