@@ -1,6 +1,6 @@
 """Normalizing flows for variational inference in Pyro."""
 
-from . import diagnostics, flows, infer, targets, transforms
+from . import diagnostics, flows, infer, targets, transforms, vae
 from .autoguide import AmortizedFlowGuide, AutoFlow
 from .fit import FitResult, fit
 from .flows import build
@@ -18,4 +18,5 @@ __all__ = [
     "infer",
     "targets",
     "transforms",
+    "vae",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -19,6 +20,8 @@ from torch.distributions import biject_to
 
 from . import _checks
 from .flows import RECIPES, build
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _recipe(flow: str, num_layers: int) -> None:
@@ -235,20 +238,38 @@ class AmortizedFlowGuide(nn.Module):
             self.flow = build(flow, latent_dim, num_layers, context_dim=context_dim, **flow_options)
         self.site, self.plate, self.create_plates = site, plate, create_plates
 
-    def posterior(self, x: Tensor) -> dist.Distribution:
-        """``q(z | x)`` with batch shape ``x.shape[:-1]``."""
+    def _context(self, x: Tensor) -> Tensor:
         h = self.encoder(x)
         if h.shape[-1] != self.context_dim:
             raise ValueError(
                 f"encoder output must have shape (..., {self.context_dim}) (context_dim), "
                 f"got {tuple(h.shape)}"
             )
+        return h
+
+    def posterior(self, x: Tensor) -> dist.Distribution:
+        """``q(z | x)`` with batch shape ``x.shape[:-1]``."""
+        h = self._context(x)
         base = dist.Normal(self.loc(h), F.softplus(self.scale(h)) + 1e-5).to_event(1)
         if self.flow is None:
             return base
         # the layers one by one: the flow's own ``condition`` would build a module per call,
         # whose reference cycles keep each call's tensors until the garbage collector runs
         return dist.TransformedDistribution(base, [t.condition(h) for t in self.flow.transforms])
+
+    def rsample_and_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One reparameterized draw ``z ~ q(z | x)`` per row of ``x`` and its ``log q(z |
+        x)``, computed together in one pass without building distributions: the same
+        values as ``posterior(x).rsample()`` and its ``log_prob``, for hand-written losses."""
+        h = self._context(x)
+        loc, scale = self.loc(h), F.softplus(self.scale(h)) + 1e-5
+        eps = torch.randn_like(loc)
+        z = loc + scale * eps
+        log_q = -(0.5 * eps.square() + scale.log()).sum(-1) - HALF_LOG_2PI * self.latent_dim
+        for layer in () if self.flow is None else self.flow.transforms:
+            z, ladj = layer.condition(h).call_and_ladj(z)
+            log_q = log_q - ladj
+        return z, log_q
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() < 2:

@@ -30,11 +30,13 @@ def _tiny(data: BinaryImages, n: int = 120) -> BinaryImages:
 
 
 @pytest.mark.parametrize(
-    ("kl_weight", "free_bits"), [(1.0, 0.0), (0.3, 0.0), (1.0, 2.0), (0.5, 50.0)]
-)
-def test_fast_loss_equals_the_pyro_objective_in_value_and_gradients(kl_weight, free_bits):
+    ("flow", "kl_weight", "free_bits"),
+    [("iaf", 1.0, 0.0), ("iaf", 0.3, 0.0), ("iaf", 1.0, 2.0), ("iaf", 0.5, 50.0),
+     ("none", 1.0, 0.0), ("sylvester-o", 0.5, 0.0), ("planar", 1.0, 2.0)],
+)  # fmt: skip
+def test_fast_loss_equals_the_pyro_objective_in_value_and_gradients(flow, kl_weight, free_bits):
     torch.manual_seed(0)
-    vae = VAE((4, 4), flow="iaf", num_layers=2, **SMALL).double()
+    vae = VAE((4, 4), flow=flow, num_layers=2, **SMALL).double()
     x = torch.bernoulli(torch.full((7, 16), 0.4, dtype=torch.float64))
     elbo = pf.infer.ELBO(kl_weight=kl_weight, free_bits=free_bits, max_plate_nesting=1)
     pyro.set_rng_seed(1)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from ..autoguide import AmortizedFlowGuide
+from ..autoguide import HALF_LOG_2PI, AmortizedFlowGuide
 from ..flows import RECIPES
 
 POSTERIORS = ("none", *RECIPES)
@@ -111,10 +111,8 @@ class VAE(nn.Module):
     def loss(self, x: Tensor, kl_weight: float = 1.0, free_bits: float = 0.0) -> Tensor:
         """``-(E_q[log p(x | z)] - kl_weight * KL)`` summed over the batch, one draw of
         ``z`` per image; with ``free_bits`` λ the KL is ``max(λ, mean KL) * batch``."""
-        q = self.guide.posterior(x)
-        z = q.rsample()
-        log_q = q.log_prob(z)  # the flow's cache: no inverse
-        log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        z, log_q = self.guide.rsample_and_log_prob(x)
+        log_prior = -0.5 * z.square().sum(-1) - HALF_LOG_2PI * self.latent_dim
         likelihood = -F.binary_cross_entropy_with_logits(
             self.decoder(z), x, reduction="none"
         ).sum(-1)  # fmt: skip
