@@ -28,19 +28,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _plot_path(text: str) -> Path | None:
-    """The file the plot will be written to (``.png`` added as matplotlib would), checked
-    writable now rather than after training; ``''`` for no plot."""
-    if not text:
-        return None
+def _out_folder(text: str) -> Path:
+    """The folder results go to, created now (its parent must exist) and checked writable
+    before any training."""
     path = Path(text)
-    if not path.suffix:
-        path = path.with_suffix(".png")
-    folder = path.parent
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"cannot write {str(path)!r}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(path.parent)!r} does not exist")
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot create {str(path)!r}: {error}") from None
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {str(path)!r}")
     return path
 
 
@@ -81,10 +80,17 @@ def parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)"
     )
     demo.add_argument(
-        "--plot",
-        type=_plot_path,
-        default="banana.png",
-        help="where to save the plot, '' for none (default: banana.png)",
+        "--vae-epochs",
+        type=int,
+        default=100,
+        help="epochs of the VAE with an IAF posterior on the bundled digits, 0 to skip "
+        "(default: 100)",
+    )
+    demo.add_argument(
+        "--out",
+        type=_out_folder,
+        default="pyroflows-demo",
+        help="folder for the figures and results.md (default: pyroflows-demo)",
     )
     _sample_parser(commands)
     from .vae.command import add_parser
@@ -221,23 +227,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "demo":
         cli.print_help()
         return 0
-    from .demo import run_demo
+    return _run_demo(cli, args)
+
+
+def _run_demo(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .demo import run_demo, run_vae_demo
 
     layers, steps = DEMO_DEFAULTS.get(args.flow, DEMO_FALLBACK)
     layers, steps = args.layers or layers, args.steps or steps
+    plot = args.out / "banana.png"
     try:
-        r = run_demo(args.flow, layers, steps, seed=args.seed, plot=args.plot, device=args.device)
+        if args.vae_epochs < 0:
+            raise ValueError(f"--vae-epochs: expected 0 or more, got {args.vae_epochs}")
+        r = run_demo(args.flow, layers, steps, seed=args.seed, plot=plot, device=args.device)
+        vae = None
+        if args.vae_epochs:
+            print("VAE with an IAF posterior on the bundled 8x8 digits")
+            vae = run_vae_demo(args.vae_epochs, args.out, seed=args.seed, device=args.device)
     except ValueError as error:  # bad option values: a message, not a traceback
         cli.error(str(error))
-    print(f"flow            {r.flow} x {layers} layers, {steps} steps")
-    print(f"ELBO            {r.elbo:.4f}")
     off = abs(r.log_z - r.exact_log_z) / r.log_z_stderr if r.log_z_stderr else math.inf
-    print(f"log Z (IS)      {r.log_z:.4f} +- {r.log_z_stderr:.4f}")
-    print(f"log Z (exact)   {r.exact_log_z:.4f} (estimate off by {off:.1f} standard errors)")
-    print(f"PSIS k-hat      {r.k_hat:.2f} ({r.verdict})")
-    print(f"KL(q || p)      {r.exact_log_z - r.elbo:.4f}")
-    if args.plot:
-        print(f"plot            {args.plot}")
+    rows = [
+        ("banana: flow", f"{r.flow} x {layers} layers, {steps} steps"),
+        ("ELBO", f"{r.elbo:.4f}"),
+        ("log Z (IS)", f"{r.log_z:.4f} +- {r.log_z_stderr:.4f}"),
+        ("log Z (exact)", f"{r.exact_log_z:.4f} (estimate off by {off:.1f} standard errors)"),
+        ("PSIS k-hat", f"{r.k_hat:.2f} ({r.verdict})"),
+        ("KL(q || p)", f"{r.exact_log_z - r.elbo:.4f}"),
+    ]
+    if vae is not None:
+        rows += [
+            ("VAE: posterior", f"IAF x 2 layers, 8 latents, {vae['epochs']} epochs"),
+            ("test -ELBO", f"{vae['neg_elbo']:.2f} nats per image"),
+            ("test NLL", f"{vae['nll']:.2f} +- {vae['nll_stderr']:.2f} (1000 samples)"),
+        ]
+    rows.append(("written", str(args.out)))
+    table = ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
+    (args.out / "results.md").write_text("\n".join(table) + "\n")
+    for name, value in rows:
+        print(f"{name:15} {value}")
     return 0
 
 

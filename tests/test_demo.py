@@ -32,14 +32,16 @@ def test_realnvp_fit_recovers_log_z():
     assert abs(r.log_z - BANANA_LOG_Z) < 0.05
 
 
-def test_cli_demo_prints_and_plots(tmp_path, capsys):
-    plot = tmp_path / "banana.png"
-    assert (
-        main(["demo", "--flow", "planar", "--layers", "2", "--steps", "20", "--plot", str(plot)])
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "log Z (exact)" in out and plot.stat().st_size > 0
+def test_cli_demo_prints_plots_and_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--flow", "planar", "--layers", "2", "--steps", "20", "--vae-epochs", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "log Z (exact)" in printed and "test NLL" in printed
+    for name in ("banana.png", "vae-samples.png", "vae-reconstructions.png", "vae-training.png"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "| PSIS k-hat |" in table and "| test -ELBO |" in table
 
 
 def test_cli_refuses_bad_values_before_training(tmp_path, capsys):
@@ -47,7 +49,8 @@ def test_cli_refuses_bad_values_before_training(tmp_path, capsys):
         (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["--steps", "-5"], "argument --steps: expected a positive integer, got -5"),
         (["--layers", "0"], "argument --layers: expected a positive integer, got 0"),
-        (["--plot", str(tmp_path / "missing" / "p.png")], "argument --plot: folder"),
+        (["--out", str(tmp_path / "missing" / "out")], "argument --out: folder"),
+        (["--vae-epochs", "-1", "--steps", "1", "--out", str(tmp_path)], "--vae-epochs: expected"),
         (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "device"),
     ]:
         with pytest.raises(SystemExit) as exit_:
@@ -57,11 +60,13 @@ def test_cli_refuses_bad_values_before_training(tmp_path, capsys):
         assert message in err and "Traceback" not in err
 
 
-def test_cli_names_the_file_it_writes_and_has_a_version(tmp_path, capsys, monkeypatch):
+def test_cli_names_the_folder_it_writes_and_has_a_version(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--flow", "planar", "--layers", "1", "--steps", "5", "--plot", "out"]) == 0
-    assert "plot            out.png" in capsys.readouterr().out
-    assert (tmp_path / "out.png").stat().st_size > 0
+    assert main(["demo", "--flow", "planar", "--layers", "1", "--steps", "5", "--vae-epochs",
+                 "0"]) == 0  # fmt: skip
+    assert "written         pyroflows-demo" in capsys.readouterr().out
+    assert (tmp_path / "pyroflows-demo" / "banana.png").stat().st_size > 0
+    assert not (tmp_path / "pyroflows-demo" / "vae-samples.png").exists()
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and "pyroflows" in capsys.readouterr().out
@@ -83,7 +88,6 @@ def test_tests_run_on_one_thread():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["planar", "iaf", "cnf"])
 def test_cli_demo_on_cuda(name, tmp_path, capsys):
-    plot = tmp_path / "banana.png"
-    args = ["demo", "--flow", name, "--steps", "20", "--device", "cuda", "--plot", str(plot)]
-    assert main(args) == 0
-    assert "log Z (exact)" in capsys.readouterr().out and plot.stat().st_size > 0
+    args = ["demo", "--flow", name, "--steps", "20", "--device", "cuda", "--vae-epochs", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert "test NLL" in capsys.readouterr().out and (tmp_path / "banana.png").stat().st_size > 0

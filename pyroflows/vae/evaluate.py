@@ -66,15 +66,17 @@ def evaluate(
 
 
 @torch.no_grad()
-def save_figures(vae: VAE, x: Tensor, out: str | Path, num_images: int = 64) -> list[Path]:
+def save_figures(
+    vae: VAE, x: Tensor, out: str | Path, num_images: int = 64, prefix: str = ""
+) -> list[Path]:  # fmt: skip
     """``samples.png`` (``num_images`` images decoded from the prior) and
     ``reconstructions.png`` (the first 32 of ``x`` above, one posterior reconstruction of
-    each below) in the folder ``out``; returns their paths."""
+    each below), their names after ``prefix``, in the folder ``out``; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x = vae.check_images(x)[:32]
     shape = vae.image_shape
-    samples, reconstructions = out / "samples.png", out / "reconstructions.png"
+    samples, reconstructions = out / f"{prefix}samples.png", out / f"{prefix}reconstructions.png"
     plots.plot_images([vae.sample(num_images)], shape, samples, math.ceil(num_images**0.5))
     plots.plot_images([x, vae.reconstruct(x)], shape, reconstructions, 16)
     return [samples, reconstructions]

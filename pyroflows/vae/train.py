@@ -123,7 +123,7 @@ def train(
             optimizer.step()
             total += loss.item() * len(batch)
             if bar is not None and step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.2f}", beta=f"{beta:.2f}")
+                bar.set_postfix(loss=f"{loss.item():.2f}", beta=f"{beta:.2f}", refresh=False)
         if run.stopped:
             break
         valid = validation_loss(vae, data.valid, config.batch_size)
@@ -136,8 +136,8 @@ def train(
         if out is not None:
             save_checkpoint(out / CHECKPOINT, vae, config, optimizer, run)
         if bar is not None:
+            bar.set_postfix(valid=f"{valid:.2f}", refresh=False)
             bar.update()
-            bar.set_postfix(valid=f"{valid:.2f}")
     if bar is not None:
         bar.close()
     if best_state is not None:
