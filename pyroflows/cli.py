@@ -126,7 +126,10 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--lr", type=float, default=3e-3, help="default: %(default)s")
     sample.add_argument("--estimator", default="standard", choices=["standard", "stl"])
     sample.add_argument(
-        "--warmup-steps", type=int, default=0, help="steps of tempering from 0 (default: 0)"
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="steps of tempering from the flow's base to the target (default: 0)",
     )
     sample.add_argument("--num-eval", type=_positive_int, default=10_000, help="evaluation draws")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

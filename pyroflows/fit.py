@@ -158,8 +158,9 @@ def fit(
     ``"cosine"`` (to zero) or ``"constant"`` schedule; ``estimator`` ``"standard"``,
     ``"stl"`` (sticking the landing: the gradient through the draws only, Roeder et al.,
     2017) or, for Pyro models, ``"dreg"`` (the IWAE bound with ``particles`` samples and
-    doubly reparameterized gradients); ``warmup_steps`` raises β from 0 to 1 (tempering
-    from the broad base; log densities only);
+    doubly reparameterized gradients); ``warmup_steps`` raises β from 0 to 1 over as many
+    steps, fitting ``p^β N(0, I)^(1-β)``: tempering from the flow's base to the target (log
+    densities only);
     ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
     to :func:`pyroflows.build`. See the module docstring for non-finite values.
 
@@ -222,7 +223,9 @@ def fit(
         target_values = log_p(x)
         problem = _check_step(step, x, target_values, log_q)
         beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-        return (log_q - beta * target_values).mean(), problem
+        if beta < 1.0:  # the target p^β base^(1-β): from the flow's base to p
+            target_values = beta * target_values + (1 - beta) * density.base.log_prob(x)
+        return (log_q - target_values).mean(), problem
 
     losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar)
     with torch.no_grad():
