@@ -25,7 +25,7 @@ from .transforms import (
 Layers = Callable[[int, int, int, dict[str, Any]], list[Flow]]
 
 
-def _autoregressive(direction: str) -> Layers:
+def _autoregressive(direction: str, transformer: str = "affine") -> Layers:
     def layers(dim: int, depth: int, context_dim: int, options: dict[str, Any]) -> list[Flow]:
         forward, reverse = torch.arange(dim), torch.arange(dim).flip(0)
         return [
@@ -34,6 +34,7 @@ def _autoregressive(direction: str) -> Layers:
                 context_dim=context_dim,
                 direction=direction,
                 permutation=reverse if i % 2 else forward,
+                transformer=transformer,
                 **options,
             )
             for i in range(depth)
@@ -94,6 +95,8 @@ RECIPES: dict[str, Layers] = {
     "realnvp": _coupling("affine"),
     "glow": _glow,
     "cnf": _repeat(Continuous),
+    "nsf-ar": _autoregressive("iaf", "spline"),
+    "nsf-coupling": _coupling("spline"),
 }
 
 
@@ -112,7 +115,9 @@ def build(
     ``radial``, ``sylvester-o``, ``sylvester-h``, ``sylvester-t`` (alternating identity
     and reversal), ``nice`` (additive coupling + final scaling), ``realnvp`` (affine
     coupling), ``glow`` (ActNorm, LU linear, affine coupling per layer), ``cnf``
-    (continuous-time flows; one layer is the usual choice).
+    (continuous-time flows; one layer is the usual choice), ``nsf-ar`` and ``nsf-coupling``
+    (neural spline flows: rational-quadratic splines, autoregressive in the IAF direction or
+    coupling with alternating halves; ``bins`` and ``bound`` among the options).
 
     >>> flow = build("iaf", dim=4, num_layers=2)
     >>> flow(torch.zeros(3, 4)).shape

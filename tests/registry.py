@@ -92,6 +92,23 @@ FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
     "affine-coupling": partial(Coupling, DIM, hidden_dims=(8,)),
     "affine-coupling-odd": partial(Coupling, DIM, hidden_dims=(8,), parity=1),
     "additive-coupling": partial(Coupling, DIM, hidden_dims=(8,), kind="additive"),
+    "spline-iaf": partial(
+        Autoregressive, DIM, hidden_dims=(8,), transformer="spline", bins=4, bound=2.0
+    ),
+    "spline-maf": partial(
+        Autoregressive,
+        DIM,
+        hidden_dims=(8,),
+        transformer="spline",
+        direction="maf",
+        bins=3,
+        bound=2.0,
+        permutation=torch.tensor([1, 2, 0]),
+    ),
+    "spline-coupling": partial(Coupling, DIM, hidden_dims=(8,), kind="spline", bins=4, bound=2.0),
+    "spline-coupling-odd": partial(
+        Coupling, DIM, hidden_dims=(8,), kind="spline", parity=1, bins=5, bound=2.0
+    ),
     "actnorm": partial(ActNorm, DIM),
     "lu-linear": partial(LULinear, DIM),
     "cnf": partial(Continuous, DIM, hidden_dims=(8,), **ODE_TOL),
@@ -115,6 +132,8 @@ RECIPE_OPTIONS = {
     "nice": {"hidden_dims": (8,)},
     "realnvp": {"hidden_dims": (8,)},
     "glow": {"hidden_dims": (8,)},
+    "nsf-ar": {"hidden_dims": (8,), "bins": 4, "bound": 2.0},
+    "nsf-coupling": {"hidden_dims": (8,), "bins": 4, "bound": 2.0},
     "cnf": {"hidden_dims": (8,), **ODE_TOL},
 }
 

@@ -1,4 +1,5 @@
-"""Affine autoregressive flows: IAF and MAF (Kingma et al., 2016; Papamakarios et al., 2017)."""
+"""Autoregressive flows: IAF and MAF (Kingma et al., 2016; Papamakarios et al., 2017), with an
+affine or a rational-quadratic spline map per coordinate (Durkan et al., 2019)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from torch import Tensor
 from .. import _checks
 from ..nn import MADE
 from .base import Flow
+from .spline import num_params, rational_quadratic
 
 DIRECTIONS = ("iaf", "maf")
+TRANSFORMERS = ("affine", "spline")
 
 
 class Autoregressive(Flow):
@@ -28,6 +31,11 @@ class Autoregressive(Flow):
     Otherwise ``log σ = clamp(s, -5, 5)``. Either way the clamp has its exact (zero outside
     the range) gradient, and it bounds how strongly a layer contracts, so that the inverse
     of points far from the data stays finite.
+
+    ``transformer="spline"`` replaces the affine map of each coordinate by a monotone
+    rational-quadratic spline on ``[-bound, bound]`` with ``bins`` bins, identity outside
+    (:mod:`pyroflows.transforms.spline`), its ``3 bins - 1`` free values per coordinate from
+    the network: the neural spline flow's autoregressive layer.
 
     ``permutation`` is the order of the autoregressive factorisation (default: identity);
     :func:`pyroflows.flows.build` reverses it between layers. ``context_dim > 0`` feeds the
@@ -48,10 +56,18 @@ class Autoregressive(Flow):
         direction: str = "iaf",
         stable: bool = False,
         permutation: Tensor | None = None,
+        transformer: str = "affine",
+        bins: int = 8,
+        bound: float = 5.0,
     ) -> None:
         super().__init__(dim, context_dim=context_dim)
         self.direction = _checks.one_of("direction", direction, DIRECTIONS)
+        self.transformer = _checks.one_of("transformer", transformer, TRANSFORMERS)
+        if stable and transformer == "spline":
+            raise ValueError("stable applies to transformer='affine' only")
         self.stable = bool(stable)
+        self.bins = _checks.positive_int("bins", bins)
+        self.bound = _checks.positive_number("bound", bound)
         hidden = _checks.int_sequence("hidden_dims", hidden_dims or (max(2 * dim, 16),) * 2)
         if permutation is None:
             permutation = torch.arange(dim)
@@ -61,14 +77,21 @@ class Autoregressive(Flow):
             raise ValueError(
                 f"permutation must be a permutation of range({dim}), got {permutation!r}"
             )
-        self.net = MADE(dim, hidden, context_dim=context_dim, permutation=permutation)
+        outputs = num_params(self.bins) if transformer == "spline" else 2
+        self.net = MADE(
+            dim, hidden, context_dim=context_dim, permutation=permutation, outputs=outputs
+        )
         # one-hot rows: the coordinate each sequential pass fixes, in the network's order
         order = torch.eye(dim, dtype=torch.bool)[permutation]
         self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_permutation", permutation.clone(), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, direction={self.direction!r}, stable={self.stable}"
+        extra = f", bins={self.bins}, bound={self.bound}" if self.transformer == "spline" else ""
+        return (
+            f"{super().extra_repr()}, direction={self.direction!r}, "
+            f"transformer={self.transformer!r}{extra}, stable={self.stable}"
+        )
 
     @property
     def _warm_starts(self) -> bool:  # see _newton_step
@@ -84,26 +107,37 @@ class Autoregressive(Flow):
         log_scale = F.hardtanh(s, -5.0, 5.0)
         return log_scale.exp(), m, log_scale
 
+    def _elementwise(
+        self, value: Tensor, c: Tensor, net: Callable, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Each coordinate's map (or its inverse) of ``value``, conditioned on ``c``, and the
+        log-derivative of what was applied, per coordinate."""
+        if self.transformer == "spline":
+            raw = torch.stack(net(c), dim=-1)
+            return rational_quadratic(value, raw, self.bound, inverse)
+        scale, shift, log_scale = self._affine(c, net)
+        if inverse:
+            return (value - shift) / scale, -log_scale
+        return torch.addcmul(shift, value, scale), log_scale
+
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        net = self.net.bind(context)
         if self.direction == "iaf":
-            scale, shift, log_scale = self._affine(x, self.net.bind(context))
-            return torch.addcmul(shift, x, scale), log_scale.sum(-1)
-        return self._solve(
-            x, self.net.bind(context), lambda scale, shift: torch.addcmul(shift, x, scale)
-        )
+            y, log_derivative = self._elementwise(x, x, net, inverse=False)
+            return y, log_derivative.sum(-1)
+        return self._solve(x, net, inverse=False)
 
     def _backward(
         self, y: Tensor, context: Tensor | None, start: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         net = self.net.bind(context)
         if self.direction == "maf":
-            scale, shift, log_scale = self._affine(y, net)
-            return (y - shift) / scale, -log_scale.sum(-1)
+            x, log_derivative = self._elementwise(y, y, net, inverse=True)
+            return x, log_derivative.sum(-1)
         if start is not None:
             x = self._newton_step(y, net, start)
-            return x, -self._affine(x, net)[2].sum(-1)
-        x, ladj = self._solve(y, net, lambda scale, shift: (y - shift) / scale)
-        return x, -ladj
+            return x, -self._elementwise(x, x, net, inverse=False)[1].sum(-1)
+        return self._solve(y, net, inverse=True)
 
     def _newton_step(self, y: Tensor, net: Callable, start: Tensor) -> Tensor:
         """The IAF's inverse at ``y`` from a known solution ``start`` (see
@@ -117,8 +151,7 @@ class Autoregressive(Flow):
         start = start.detach()
 
         def forward(x: Tensor) -> Tensor:
-            scale, shift, _ = self._affine(x, net)
-            return torch.addcmul(shift, x, scale)
+            return self._elementwise(x, x, net, inverse=False)[0]
 
         with torch.no_grad():
             out, pullback = torch.func.vjp(forward, start)
@@ -131,9 +164,11 @@ class Autoregressive(Flow):
         step = torch.linalg.solve_triangular(jac, residual, upper=False).squeeze(-1)
         return start + step[..., torch.argsort(perm)]
 
-    def _solve(self, value: Tensor, net: Callable, update) -> tuple[Tensor, Tensor]:
+    def _solve(self, value: Tensor, net: Callable, inverse: bool) -> tuple[Tensor, Tensor]:
         """The sequential direction: ``dim`` network passes, pass ``k`` fixing coordinate
-        ``permutation[k]`` from the ones fixed before it; returns it with ``Σ log σ``.
+        ``permutation[k]`` from the ones fixed before it; returns it with the summed
+        log-derivative of the map applied (the last pass conditions every coordinate on its
+        final predecessors).
 
         Coordinates not yet fixed stay zero rather than holding the last pass's guesses: a
         guess can overflow far from the data, and ``0 · inf`` in the masked layers would
@@ -141,6 +176,6 @@ class Autoregressive(Flow):
         """
         out = torch.zeros_like(value)
         for position in self._order:
-            scale, shift, log_scale = self._affine(out, net)
-            out = torch.where(position, update(scale, shift), out)
-        return out, log_scale.sum(-1)
+            new, log_derivative = self._elementwise(value, out, net, inverse)
+            out = torch.where(position, new, out)
+        return out, log_derivative.sum(-1)

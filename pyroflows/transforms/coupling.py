@@ -1,4 +1,5 @@
-"""Coupling layers: NICE additive (Dinh et al., 2015) and RealNVP affine (Dinh et al., 2017)."""
+"""Coupling layers: NICE additive (Dinh et al., 2015), RealNVP affine (Dinh et al., 2017) and
+rational-quadratic spline coupling (Durkan et al., 2019)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from torch import Tensor, nn
 
 from .. import _checks
 from .base import Flow
+from .spline import num_params, rational_quadratic
 
-KINDS = ("affine", "additive")
+KINDS = ("affine", "additive", "spline")
 
 
 class Coupling(Flow):
@@ -21,7 +23,11 @@ class Coupling(Flow):
     With ``x = (x_a, x_b)``: ``y_a = x_a`` and ``y_b = x_b ⊙ exp(s(x_a)) + t(x_a)``
     (``kind="affine"``, RealNVP) or ``y_b = x_b + t(x_a)`` (``kind="additive"``, NICE,
     volume preserving). ``log|det J| = Σ s``, with ``s = 5 tanh(s' / 5)`` softly clamped.
-    The inverse is exact: ``x_b = (y_b - t(y_a)) ⊙ exp(-s(y_a))``.
+    The inverse is exact: ``x_b = (y_b - t(y_a)) ⊙ exp(-s(y_a))``. ``kind="spline"`` maps
+    each coordinate of ``x_b`` by a monotone rational-quadratic spline on ``[-bound,
+    bound]`` with ``bins`` bins, identity outside, whose ``3 bins - 1`` free values the
+    network gives (:mod:`pyroflows.transforms.spline`; the neural spline flow's coupling
+    layer); its inverse is exact too.
 
     ``x_a`` is the first ``ceil(dim / 2)`` coordinates when ``parity=0`` and the last
     ``floor(dim / 2)`` when ``parity=1``; :func:`pyroflows.flows.build` alternates them.
@@ -44,12 +50,16 @@ class Coupling(Flow):
         kind: str = "affine",
         hidden_dims: Sequence[int] = (64, 64),
         parity: int = 0,
+        bins: int = 8,
+        bound: float = 5.0,
     ) -> None:
         super().__init__(dim, context_dim=context_dim)
         self.kind = _checks.one_of("kind", kind, KINDS)
         if parity not in (0, 1):
             raise ValueError(f"parity must be 0 or 1, got {parity!r}")
         self.parity = parity
+        self.bins = _checks.positive_int("bins", bins)
+        self.bound = _checks.positive_number("bound", bound)
         hidden = list(_checks.int_sequence("hidden_dims", hidden_dims))
         # one coordinate: nothing to condition on, so the layer is an elementwise map with
         # learned (or, amortized, context-given) shift and scale
@@ -59,7 +69,8 @@ class Coupling(Flow):
         self.register_buffer("_unorder", torch.argsort(order), persistent=False)
         self.split = split
         n_out = dim - split
-        param_dims = [n_out, n_out] if kind == "affine" else [n_out]
+        param_dims = {"affine": [n_out, n_out], "additive": [n_out],
+                      "spline": [n_out * num_params(self.bins)]}[kind]  # fmt: skip
         with warnings.catch_warnings():  # split = 0: torch warns of its empty weight
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             if context_dim:
@@ -71,7 +82,8 @@ class Coupling(Flow):
         nn.init.zeros_(last.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kind={self.kind!r}, parity={self.parity}"
+        extra = f", bins={self.bins}, bound={self.bound}" if self.kind == "spline" else ""
+        return f"{super().extra_repr()}, kind={self.kind!r}, parity={self.parity}{extra}"
 
     def _shift_log_scale(self, x_a: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
         out = self.net(x_a) if context is None else self.net(x_a, context)
@@ -87,6 +99,12 @@ class Coupling(Flow):
             context = context.expand(*batch, context.shape[-1])
         x = x[..., self._order]
         x_a, x_b = x[..., : self.split], x[..., self.split :]
+        if self.kind == "spline":
+            raw = self.net(x_a) if context is None else self.net(x_a, context)
+            raw = raw.unflatten(-1, (self.dim - self.split, num_params(self.bins)))
+            y_b, log_derivative = rational_quadratic(x_b, raw, self.bound, inverse=sign < 0)
+            x_a = x_a.expand(*y_b.shape[:-1], self.split)
+            return torch.cat([x_a, y_b], dim=-1)[..., self._unorder], log_derivative.sum(-1)
         shift, log_scale = self._shift_log_scale(x_a, context)
         if log_scale is None:
             y_b = x_b + sign * shift
