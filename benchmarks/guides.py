@@ -6,7 +6,9 @@ Each round times ``--steps`` SVI steps of every contender in turn (alternating, 
 warm-up), and a contender's figure is the median over rounds with the min-max spread of its
 per-round ratio to the peer of the same family: ``AutoIAFNormal`` for ``iaf``,
 ``AutoNormalizingFlow`` with Pyro's planar, radial and Householder-Sylvester layers for those
-recipes, and ``AutoMultivariateNormal`` as the floor. Every contender uses Pyro's
+recipes, and with Pyro's rational-quadratic ``SplineAutoregressive`` and ``SplineCoupling``
+for ``nsf-ar`` and ``nsf-coupling`` (8 bins on [-5, 5], one hidden layer of ``3 dim + 1``
+units in both libraries), and ``AutoMultivariateNormal`` as the floor. Every contender uses Pyro's
 ``Trace_ELBO`` with vectorized particles, Pyro's fastest path for these guides. Peak memory
 is the RSS growth of a fresh process over the guide's construction and ``--steps`` steps (CPU),
 or CUDA max allocated during the steps above what was allocated before them (GPU).
@@ -31,6 +33,7 @@ import pyro.distributions.transforms as T
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormalizingFlow
+from transforms import BINS, BOUND, pyro_spline_autoregressive, pyro_spline_coupling
 
 import pyroflows as pf
 
@@ -78,11 +81,17 @@ def logistic(device):
 POSTERIORS = {"gaussian-3d": gaussian, "funnel-10d": funnel, "logistic-31d": logistic}
 
 
+def spline_width(dim: int) -> list[int]:
+    return [3 * dim + 1]  # one hidden layer of AutoIAFNormal's width, for both libraries
+
+
 def pyro_layers(kind: str):
     make = {
         "planar": T.planar,
         "radial": T.radial,
         "sylvester-h": functools.partial(T.sylvester, count_transforms=4),
+        "nsf-ar": lambda d: pyro_spline_autoregressive(d, spline_width(d)),
+        "nsf-coupling": lambda d: pyro_spline_coupling(d, spline_width(d)),
     }[kind]
 
     def init(dim):
@@ -91,12 +100,14 @@ def pyro_layers(kind: str):
     return init
 
 
-def contenders(model):
+def contenders(model, dim: int):
     """(label, family, make guide); the peer of each family comes first."""
     out = [("pyro AutoIAFNormal", "iaf", lambda: AutoIAFNormal(model, num_transforms=LAYERS))]
     out.append(("pyroflows iaf", "iaf", lambda: pf.AutoFlow(model, "iaf", LAYERS)))
-    for kind in ("planar", "radial", "sylvester-h"):
+    for kind in ("planar", "radial", "sylvester-h", "nsf-ar", "nsf-coupling"):
         options = {"num_householder": 4} if kind == "sylvester-h" else {}
+        if kind.startswith("nsf"):
+            options = {"hidden_dims": spline_width(dim), "bins": BINS, "bound": BOUND}
         out.append(
             (f"pyro {kind}", kind, lambda k=kind: AutoNormalizingFlow(model, pyro_layers(k)))
         )
@@ -137,9 +148,9 @@ def step_memory(posterior: str, label: str, steps: int) -> float:
 
 def fresh_process_memory(posterior: str, label: str, steps: int) -> float:
     torch.set_num_threads(1)
-    model, _ = POSTERIORS[posterior](torch.device("cpu"))
-    make = dict((name, m) for name, _, m in contenders(model))[label]
-    floor = dict((name, m) for name, _, m in contenders(model))["pyro AutoMultivariateNormal"]
+    model, dim = POSTERIORS[posterior](torch.device("cpu"))
+    makers = {name: m for name, _, m in contenders(model, dim)}
+    make, floor = makers[label], makers["pyro AutoMultivariateNormal"]
     _svi(model, floor, "warm-up", torch.device("cpu")).step()  # torch's one-time set-up
     before = peak_rss_mib(reset=True)
     svi = _svi(model, make, label, torch.device("cpu"))
@@ -166,9 +177,9 @@ def _svi(model, make, label: str, device) -> SVI:
 
 def bench(posterior: str, rounds: int, steps: int, device) -> dict:
     pyro.clear_param_store()
-    model, _ = POSTERIORS[posterior](device)
+    model, dim = POSTERIORS[posterior](device)
     runs, failures = [], {}
-    for label, family, make in contenders(model):
+    for label, family, make in contenders(model, dim):
         try:
             svi = _svi(model, make, label, device)
         except RuntimeError as error:  # Pyro's Sylvester builds a CPU matrix: fails on CUDA

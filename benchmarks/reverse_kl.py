@@ -134,7 +134,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--flows", nargs="+", default=["realnvp", "iaf", "planar", "sylvester-h"])
+    parser.add_argument("--flows", nargs="+", default=["realnvp", "iaf", "planar", "sylvester-h",
+                        "nsf-ar", "nsf-coupling"])  # fmt: skip
     parser.add_argument(
         "--estimator",
         default="standard",

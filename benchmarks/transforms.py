@@ -1,4 +1,4 @@
-"""Forward + log-det, back-propagation and inverse time per batch: pyroflows vs Pyro.
+"""Forward + log-det, back-propagation and inverse time per batch: pyroflows vs Pyro (and zuko).
 
     python benchmarks/transforms.py [--device cuda] [--dims 16 64] [--batch 1024] [--rounds 7]
 
@@ -10,8 +10,13 @@ builds a CPU matrix inside its forward and fails on CUDA; the JSON says so. Prin
 and writes benchmarks/results/transforms.json (transforms-cuda.json on CUDA).
 
 The inverse (with its log-det) of points the flow did not produce is timed for both where
-Pyro has one (IAF); Pyro's planar, radial and Sylvester cannot invert such points, so only
-pyroflows' numerical inverse is timed there.
+Pyro has one (IAF, splines); Pyro's planar, radial and Sylvester cannot invert such points,
+so only pyroflows' numerical inverse is timed there.
+
+The neural spline layers (8 bins on [-5, 5], the same widths) are compared with Pyro's
+rational-quadratic ``SplineAutoregressive`` and ``SplineCoupling`` (``order="quadratic"``)
+and with zuko's ``NSF`` (one autoregressive transform; two passes for the coupling), whose
+fastest path builds its transform from the module and calls ``call_and_ladj``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,26 @@ import common
 import pyro
 import pyro.distributions.transforms as T
 import torch
+import zuko
+from pyro.nn import DenseNN
 
-from pyroflows.transforms import Autoregressive, Planar, Radial, Sylvester
+from pyroflows.transforms import Autoregressive, Coupling, Planar, Radial, Sylvester
 
 NUM_HOUSEHOLDER = 4
+BINS, BOUND = 8, 5.0
+
+
+def pyro_spline_autoregressive(dim: int, hidden: list[int]) -> T.SplineAutoregressive:
+    """Built by hand: Pyro's ``spline_autoregressive(order="quadratic")`` gives its network
+    the linear spline's four outputs and fails."""
+    net = pyro.nn.AutoRegressiveNN(dim, hidden, param_dims=[BINS, BINS, BINS - 1])
+    return T.SplineAutoregressive(dim, net, count_bins=BINS, bound=BOUND, order="quadratic")
+
+
+def pyro_spline_coupling(dim: int, hidden: list[int]) -> T.SplineCoupling:
+    split, rest = (dim + 1) // 2, dim - (dim + 1) // 2
+    net = DenseNN(split, hidden, param_dims=[rest * BINS, rest * BINS, rest * (BINS - 1)])
+    return T.SplineCoupling(dim, split, net, count_bins=BINS, bound=BOUND, order="quadratic")
 
 
 def pairs(dim: int) -> dict[str, tuple[Callable, Callable]]:
@@ -44,7 +65,19 @@ def pairs(dim: int) -> dict[str, tuple[Callable, Callable]]:
             lambda: Sylvester(dim, kind="householder", num_householder=NUM_HOUSEHOLDER),
             lambda: T.Sylvester(dim, count_transforms=NUM_HOUSEHOLDER),
         ),
-    }
+        "spline-autoregressive": (
+            lambda: Autoregressive(dim, hidden_dims=hidden, transformer="spline", bins=BINS,
+                                   bound=BOUND),
+            lambda: pyro_spline_autoregressive(dim, hidden),
+            lambda: zuko.flows.NSF(dim, bins=BINS, transforms=1, hidden_features=hidden),
+        ),
+        "spline-coupling": (
+            lambda: Coupling(dim, kind="spline", hidden_dims=hidden, bins=BINS, bound=BOUND),
+            lambda: pyro_spline_coupling(dim, hidden),
+            lambda: zuko.flows.NSF(dim, bins=BINS, transforms=1, passes=2,
+                                   hidden_features=hidden),
+        ),
+    }  # fmt: skip
 
 
 def workloads(
@@ -54,6 +87,8 @@ def workloads(
     t = make().to(device)
     # new values each call, so that neither library's cache (nor a warm start) short-cuts it
     points = itertools.cycle([torch.randn(batch, dim, device=device) for _ in range(5)])
+    if isinstance(t, zuko.flows.Flow):  # zuko: build the transform, then call_and_ladj
+        return _zuko_workloads(t.transform, points)
 
     def forward():
         x = next(points).clone()
@@ -77,14 +112,28 @@ def workloads(
     }
 
 
-def compare(ours: dict, theirs: dict, device: torch.device, args) -> dict:
-    """Per workload: each side's median ms per call, peak memory, and the median ratio with
-    its spread over rounds, the two sides taking turns within each round."""
+def _zuko_workloads(lazy, points) -> dict[str, Callable]:
+    def forward():
+        return lazy(None).call_and_ladj(next(points).clone())
+
+    def forward_backward():
+        y, ladj = forward()
+        (y.square().sum() + ladj.sum()).backward()
+
+    def inverse():
+        with torch.no_grad():
+            return lazy(None).inv.call_and_ladj(next(points).clone())
+
+    return {"forward": forward, "forward+backward": forward_backward, "inverse": inverse}
+
+
+def compare(ours: dict, peers: dict[str, dict], device: torch.device, args) -> dict:
+    """Per workload: each contender's median ms per call and peak memory, and the median
+    ratio to each peer with its spread over rounds, all taking turns within each round."""
     out = {}
     for key, mine in ours.items():
         calls = {"pyroflows": mine}
-        if theirs.get(key) is not None:
-            calls["pyro"] = theirs[key]
+        calls |= {name: w[key] for name, w in peers.items() if w.get(key) is not None}
         for call in calls.values():
             for _ in range(3):  # warm-up
                 call()
@@ -94,8 +143,10 @@ def compare(ours: dict, theirs: dict, device: torch.device, args) -> dict:
             if device.type == "cpu":
                 run["peak_mib"] = common.cpu_peak_mib(calls[name])
             row[name] = {"ms": 1e3 * statistics.median(run["seconds"]), "peak_mib": run["peak_mib"]}
-        if "pyro" in runs:
-            row["ratio"] = common.ratio(runs["pyroflows"]["seconds"], runs["pyro"]["seconds"])
+        for name in calls.keys() - {"pyroflows"}:
+            suffix = "" if name == "pyro" else f"_{name}"
+            row[f"ratio{suffix}"] = common.ratio(runs["pyroflows"]["seconds"],
+                                                 runs[name]["seconds"])  # fmt: skip
         out[key] = row
     return out
 
@@ -125,10 +176,14 @@ def main() -> None:
     print(f"{'family':24}{'dim':>5}  {'workload':21}{'ours ms':>9}{'pyro ms':>9}"
           f"  {'ratio [spread]':20}{'ours MiB':>9}{'pyro MiB':>9}")  # fmt: skip
     for dim in args.dims:
-        for family, (ours, theirs) in pairs(dim).items():
+        for family, (ours, theirs, *zuko_nsf) in pairs(dim).items():
             failure = pyro_fails(theirs, dim, device)
-            peer = {} if failure else workloads(theirs, dim, args.batch, device, family == "iaf")
-            result = compare(workloads(ours, dim, args.batch, device, True), peer, device, args)
+            invertible = family == "iaf" or family.startswith("spline")
+            peers = {} if failure else {"pyro": workloads(theirs, dim, args.batch, device,
+                                                          invertible)}  # fmt: skip
+            if zuko_nsf:
+                peers["zuko"] = workloads(zuko_nsf[0], dim, args.batch, device, True)
+            result = compare(workloads(ours, dim, args.batch, device, True), peers, device, args)
             rows.append({"family": family, "dim": dim, "batch": args.batch,
                          "pyro_fails": failure, "workloads": result})  # fmt: skip
             for key, r in result.items():
@@ -139,6 +194,10 @@ def main() -> None:
                     f"{theirs_r.get('ms', float('nan')):9.3f}  {ratio:20}"
                     f"{_mib(r['pyroflows']['peak_mib'])}{_mib(theirs_r.get('peak_mib'))}"
                 )
+                if "zuko" in r:
+                    print(f"{'':29}{'zuko':21}{'':9}{r['zuko']['ms']:9.3f}  "
+                          f"{common.ratio_text(r['ratio_zuko']):20}{'':9}"
+                          f"{_mib(r['zuko']['peak_mib'])}")  # fmt: skip
             if failure:
                 print(f"{'':29}pyro fails on {device.type}: {failure}")
     common.write(
@@ -147,6 +206,7 @@ def main() -> None:
         {"settings": {"batch": args.batch, "rounds": args.rounds, "calls": args.calls},
          "rows": rows},
         pyro=pyro.__version__,
+        zuko=zuko.__version__,
     )  # fmt: skip
 
 

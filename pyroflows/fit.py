@@ -42,7 +42,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 SCHEDULES = ("constant", "cosine")
 # layers where none are given: a continuous-time flow is deep on its own
-DEFAULT_LAYERS = {"cnf": 1, "iaf": 4, "maf": 4}
+DEFAULT_LAYERS = {"cnf": 1, "iaf": 4, "maf": 4, "nsf-ar": 4}
 FALLBACK_LAYERS = 6
 
 
