@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20, help="calls per contender and round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--families", nargs="+", default=None, help="default: all")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
@@ -177,6 +178,8 @@ def main() -> None:
           f"  {'ratio [spread]':20}{'ours MiB':>9}{'pyro MiB':>9}")  # fmt: skip
     for dim in args.dims:
         for family, (ours, theirs, *zuko_nsf) in pairs(dim).items():
+            if args.families and family not in args.families:
+                continue
             failure = pyro_fails(theirs, dim, device)
             invertible = family == "iaf" or family.startswith("spline")
             peers = {} if failure else {"pyro": workloads(theirs, dim, args.batch, device,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +82,13 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
         return self.bind(context)(x)
 
-    def bind(self, context: Tensor | None = None) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    def bind(
+        self, context: Tensor | None = None, stacked: bool = False
+    ) -> Callable[[Tensor], Any]:
         """The network for one context, with the masks applied and the context's share of
         the first layer computed once: for callers that pass several inputs (a sequential
-        inverse makes ``dim`` passes)."""
+        inverse makes ``dim`` passes). With ``stacked`` it returns one view of shape
+        ``(..., dim, outputs)`` rather than ``outputs`` tensors."""
         first, *rest = self.layers
         weight = first.weight * first.mask
         if context is None:
@@ -102,7 +106,8 @@ class MADE(nn.Module):
                 h = F.linear(x, first_weight) + first_bias
             for weight, bias in others:
                 h = F.linear(torch.relu(h), weight, bias)
-            return h.unflatten(-1, shape).unbind(-2)
+            h = h.unflatten(-1, shape)
+            return h.movedim(-2, -1) if stacked else h.unbind(-2)
 
         return run
 

@@ -113,15 +113,14 @@ class Autoregressive(Flow):
         """Each coordinate's map (or its inverse) of ``value``, conditioned on ``c``, and the
         log-derivative of what was applied, per coordinate."""
         if self.transformer == "spline":
-            raw = torch.stack(net(c), dim=-1)
-            return rational_quadratic(value, raw, self.bound, inverse)
+            return rational_quadratic(value, net(c), self.bound, inverse)
         scale, shift, log_scale = self._affine(c, net)
         if inverse:
             return (value - shift) / scale, -log_scale
         return torch.addcmul(shift, value, scale), log_scale
 
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        net = self.net.bind(context)
+        net = self.net.bind(context, stacked=self.transformer == "spline")
         if self.direction == "iaf":
             y, log_derivative = self._elementwise(x, x, net, inverse=False)
             return y, log_derivative.sum(-1)
@@ -130,7 +129,7 @@ class Autoregressive(Flow):
     def _backward(
         self, y: Tensor, context: Tensor | None, start: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        net = self.net.bind(context)
+        net = self.net.bind(context, stacked=self.transformer == "spline")
         if self.direction == "maf":
             x, log_derivative = self._elementwise(y, y, net, inverse=True)
             return x, log_derivative.sum(-1)
