@@ -28,19 +28,29 @@ Layers = Callable[[int, int, int, dict[str, Any]], list[Flow]]
 def _autoregressive(direction: str, transformer: str = "affine") -> Layers:
     def layers(dim: int, depth: int, context_dim: int, options: dict[str, Any]) -> list[Flow]:
         forward, reverse = torch.arange(dim), torch.arange(dim).flip(0)
-        return [
-            Autoregressive(
-                dim,
-                context_dim=context_dim,
-                direction=direction,
-                permutation=reverse if i % 2 else forward,
-                transformer=transformer,
-                **options,
-            )
-            for i in range(depth)
-        ]
+        return _scaled_splines(
+            transformer,
+            dim,
+            [
+                Autoregressive(
+                    dim,
+                    context_dim=context_dim,
+                    direction=direction,
+                    permutation=reverse if i % 2 else forward,
+                    transformer=transformer,
+                    **options,
+                )
+                for i in range(depth)
+            ],
+        )
 
     return layers
+
+
+def _scaled_splines(kind: str, dim: int, layers: list[Flow]) -> list[Flow]:
+    """Spline layers map ``[-bound, bound]`` to itself: a final learned elementwise affine map
+    (``ActNorm`` without data init) lets the flow reach targets of any scale."""
+    return [*layers, ActNorm(dim, data_init=False)] if kind == "spline" else layers
 
 
 def _repeat(family: type[Flow], **fixed: Any) -> Layers:
@@ -67,7 +77,7 @@ def _coupling(kind: str) -> Layers:
         ]
         if kind == "additive":  # NICE's final diagonal scaling
             out.append(ActNorm(dim, data_init=False))
-        return out
+        return _scaled_splines(kind, dim, out)
 
     return layers
 
@@ -117,7 +127,8 @@ def build(
     coupling), ``glow`` (ActNorm, LU linear, affine coupling per layer), ``cnf``
     (continuous-time flows; one layer is the usual choice), ``nsf-ar`` and ``nsf-coupling``
     (neural spline flows: rational-quadratic splines, autoregressive in the IAF direction or
-    coupling with alternating halves; ``bins`` and ``bound`` among the options).
+    coupling with alternating halves, then a learned elementwise affine map, since splines
+    map ``[-bound, bound]`` to itself; ``bins`` and ``bound`` among the options).
 
     >>> flow = build("iaf", dim=4, num_layers=2)
     >>> flow(torch.zeros(3, 4)).shape
