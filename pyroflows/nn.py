@@ -82,9 +82,7 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
         return self.bind(context)(x)
 
-    def bind(
-        self, context: Tensor | None = None, stacked: bool = False
-    ) -> Callable[[Tensor], Any]:
+    def bind(self, context: Tensor | None = None, stacked: bool = False) -> Callable[[Tensor], Any]:
         """The network for one context, with the masks applied and the context's share of
         the first layer computed once: for callers that pass several inputs (a sequential
         inverse makes ``dim`` passes). With ``stacked`` it returns one view of shape

@@ -72,13 +72,14 @@ def test_other_family_options():
         Autoregressive(3, permutation=torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="parity must be 0 or 1"):
         Coupling(3, parity=2)
-    with pytest.raises(ValueError, match="kind must be one of 'affine', 'additive'"):
-        Coupling(3, kind="spline")
+    with pytest.raises(ValueError, match="kind must be one of 'affine', 'additive', 'spline'"):
+        Coupling(3, kind="quadratic")
 
 
 def test_unknown_recipe_lists_the_valid_names():
     with pytest.raises(
-        ValueError, match=r"name must be one of 'iaf', 'maf', 'planar'.*'glow', 'cnf'; got 'flowy'"
+        ValueError,
+        match=r"name must be one of 'iaf', 'maf', 'planar'.*'nsf-ar', 'nsf-coupling'; got 'flowy'",
     ):
         pf.build("flowy", 3)
 
