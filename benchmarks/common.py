@@ -17,6 +17,8 @@ import pyroflows
 from pyroflows import _checks
 
 RESULTS = Path(__file__).parent / "results"
+# statically binarized MNIST beside the project (see ../shared/data/README.md)
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"
 
 
 def cuda_device(name: str) -> torch.device:

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import common
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -47,8 +46,8 @@ from torch import nn
 
 from pyroflows import AmortizedFlowGuide
 from pyroflows.infer import log_marginal_likelihood
+from pyroflows.vae import load as load_images
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "binarized_mnist.npz"
 LATENT = 40
 
 
@@ -83,9 +82,7 @@ def build(args: argparse.Namespace, device: torch.device):
     """Test images, the model and the guide, the same in every process."""
     if not args.data.exists():
         sys.exit(f"skipped: {args.data} not found (statically binarized MNIST, see shared/data)")
-    with np.load(args.data) as f:
-        test = np.ascontiguousarray(np.unpackbits(f["test"], axis=1)[:, :784])
-    x = torch.tensor(test[: max(args.images, args.single_images)], dtype=torch.float32)
+    x = load_images(args.data).test[: max(args.images, args.single_images)]
     torch.manual_seed(0)
     decoder = Decoder()
     encoder = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU())
@@ -127,7 +124,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data", type=Path, default=DATA, help="default: %(default)s")
+    parser.add_argument("--data", type=Path, default=common.MNIST, help="default: %(default)s")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", "log_marginal_likelihood: importance ESS")  # untrained

@@ -22,7 +22,6 @@ time does not depend on the pixel values). Writes benchmarks/results/vae.json.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import common
 import pyro
@@ -32,8 +31,6 @@ from pyro.infer import SVI
 
 import pyroflows as pf
 from pyroflows.vae import VAE
-
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"
 
 
 def hand_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +52,8 @@ def hand_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
 
 
 def images(batch: int, device: torch.device) -> tuple[torch.Tensor, str]:
-    if MNIST.exists():
-        return pf.vae.load(MNIST).train[:batch].to(device), "binarized MNIST"
+    if common.MNIST.exists():
+        return pf.vae.load(common.MNIST).train[:batch].to(device), "binarized MNIST"
     return torch.bernoulli(torch.full((batch, 784), 0.13, device=device)), "random bits"
 
 

@@ -27,7 +27,6 @@ import pyroflows as pf
 from pyroflows.vae import VAE, evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
 PUBLISHED_NEG_ELBO = {  # test -ELBO on static binarized MNIST
     "none": 86.55, "planar": 86.06, "iaf": 84.20, "sylvester-o": 83.32, "cnf": 82.82,
 }  # fmt: skip
@@ -37,7 +36,7 @@ FLOW_OPTIONS = {"sylvester-o": {"num_columns": 32}}  # the paper's M = 32 orthog
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data", default=str(MNIST))
+    parser.add_argument("--data", default=str(common.MNIST))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--flows", nargs="+", default=["none", "planar", "iaf", "sylvester-o",
                         "sylvester-h", "sylvester-t", "cnf"])  # fmt: skip

@@ -238,19 +238,20 @@ class AmortizedFlowGuide(nn.Module):
             self.flow = build(flow, latent_dim, num_layers, context_dim=context_dim, **flow_options)
         self.site, self.plate, self.create_plates = site, plate, create_plates
 
-    def _context(self, x: Tensor) -> Tensor:
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The context ``h`` and the base's ``(μ(h), σ(h))``."""
         h = self.encoder(x)
         if h.shape[-1] != self.context_dim:
             raise ValueError(
                 f"encoder output must have shape (..., {self.context_dim}) (context_dim), "
                 f"got {tuple(h.shape)}"
             )
-        return h
+        return h, self.loc(h), F.softplus(self.scale(h)) + 1e-5
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """``q(z | x)`` with batch shape ``x.shape[:-1]``."""
-        h = self._context(x)
-        base = dist.Normal(self.loc(h), F.softplus(self.scale(h)) + 1e-5).to_event(1)
+        h, loc, scale = self._encode(x)
+        base = dist.Normal(loc, scale).to_event(1)
         if self.flow is None:
             return base
         # the layers one by one: the flow's own ``condition`` would build a module per call,
@@ -261,8 +262,7 @@ class AmortizedFlowGuide(nn.Module):
         """One reparameterized draw ``z ~ q(z | x)`` per row of ``x`` and its ``log q(z |
         x)``, computed together in one pass without building distributions: the same
         values as ``posterior(x).rsample()`` and its ``log_prob``, for hand-written losses."""
-        h = self._context(x)
-        loc, scale = self.loc(h), F.softplus(self.scale(h)) + 1e-5
+        h, loc, scale = self._encode(x)
         eps = torch.randn_like(loc)
         z = loc + scale * eps
         log_q = -(0.5 * eps.square() + scale.log()).sum(-1) - HALF_LOG_2PI * self.latent_dim

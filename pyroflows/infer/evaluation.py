@@ -26,6 +26,7 @@ class LogMarginal(NamedTuple):
     log_px: Tensor  # log (1/S) Σ_s w_s
     stderr: Tensor  # delta-method standard error of log_px
     ess: Tensor  # importance effective sample size (Σ w)² / Σ w²
+    elbo: Tensor  # (1/S) Σ_s log w_s, the ELBO estimated from the same samples
 
 
 @torch.no_grad()
@@ -43,7 +44,8 @@ def log_marginal_likelihood(
     Samples are drawn ``chunk_size`` at a time as vectorized particles; running log-sums of
     ``w`` and ``w²`` keep memory bounded by the chunk, on whatever device the model and guide
     use. For a VAE (every site inside the data plate) the estimate, its standard error
-    ``sqrt(S/ESS - 1)/sqrt(S)`` and the importance ESS are per datum; for models with global
+    ``sqrt(S/ESS - 1)/sqrt(S)``, the importance ESS and the ELBO from the same samples (the
+    mean log weight) are per datum; for models with global
     latents they are scalars for the whole data set. ``max_plate_nesting`` is guessed from
     one trace when not given. With ``num_samples=1`` the standard error is NaN, and an
     importance ESS below ``MIN_ESS`` (10) for any estimate gives a :class:`RuntimeWarning`.
@@ -61,10 +63,10 @@ def log_marginal_likelihood(
     _checks.positive_int("num_samples", num_samples)
     _checks.positive_int("chunk_size", chunk_size)
     log_sum = log_sum_sq = None
-    done, checked = 0, False
+    done, checked, total = 0, False, 0.0
     if max_plate_nesting is None:  # the run that finds the nesting gives the first sample
         nesting, values = _first_sample(model, guide, args, kwargs)
-        log_sum, log_sum_sq = values[0], 2 * values[0]
+        log_sum, log_sum_sq, total = values[0], 2 * values[0], values[0]
         done = 1
     else:
         nesting = _checks.nonnegative_int("max_plate_nesting", max_plate_nesting) + 1
@@ -76,6 +78,7 @@ def log_marginal_likelihood(
         checked = True
         values = w.log_weights(*traces, nesting).values
         del traces  # free this chunk's traces before the next chunk is drawn
+        total = total + values.sum(0)
         chunk = (torch.logsumexp(values, 0), torch.logsumexp(2 * values, 0))
         if log_sum is None:
             log_sum, log_sum_sq = chunk
@@ -98,7 +101,7 @@ def log_marginal_likelihood(
             RuntimeWarning,
             stacklevel=3,  # the caller, past torch.no_grad's wrapper
         )
-    return LogMarginal(log_sum - math.log(num_samples), stderr, ess)
+    return LogMarginal(log_sum - math.log(num_samples), stderr, ess, total / num_samples)
 
 
 def _first_sample(model, guide, args, kwargs) -> tuple[int, Tensor]:

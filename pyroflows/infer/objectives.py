@@ -192,6 +192,14 @@ def _seeded(seed: int | None, fn):
         return fn()
 
 
+def kl_with_free_bits(kl: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """The KL summed over data, or with ``free_bits`` λ its data mean floored at λ, times the
+    number of data (Kingma et al., 2016)."""
+    if free_bits:
+        return torch.clamp(kl.mean(), min=free_bits) * kl.numel()
+    return kl.sum()
+
+
 class ELBO(_Weighted):
     r"""The evidence lower bound ``E_q[log p(x, z) - log q(z)]`` over vectorized particles.
 
@@ -246,9 +254,7 @@ class ELBO(_Weighted):
         total = likelihood.mean(0).sum()
         for kl in kls.values():
             kl = kl.mean(0)  # per datum (or the whole data set's, for global latents)
-            if self.free_bits:
-                kl = torch.clamp(kl.mean(), min=self.free_bits) * kl.numel()
-            total = total - self.kl_weight * kl.sum()
+            total = total - self.kl_weight * kl_with_free_bits(kl, self.free_bits)
         return total * lw.scale
 
     def loss(self, model, guide, *args: Any, **kwargs: Any) -> float:

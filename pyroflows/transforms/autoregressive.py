@@ -119,8 +119,12 @@ class Autoregressive(Flow):
             return (value - shift) / scale, -log_scale
         return torch.addcmul(shift, value, scale), log_scale
 
+    def _bind(self, context: Tensor | None) -> Callable:
+        """The network for this context; a spline takes its free values as one view."""
+        return self.net.bind(context, stacked=self.transformer == "spline")
+
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        net = self.net.bind(context, stacked=self.transformer == "spline")
+        net = self._bind(context)
         if self.direction == "iaf":
             y, log_derivative = self._elementwise(x, x, net, inverse=False)
             return y, log_derivative.sum(-1)
@@ -129,7 +133,7 @@ class Autoregressive(Flow):
     def _backward(
         self, y: Tensor, context: Tensor | None, start: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        net = self.net.bind(context, stacked=self.transformer == "spline")
+        net = self._bind(context)
         if self.direction == "maf":
             x, log_derivative = self._elementwise(y, y, net, inverse=True)
             return x, log_derivative.sum(-1)

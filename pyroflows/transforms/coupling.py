@@ -99,12 +99,19 @@ class Coupling(Flow):
             context = context.expand(*batch, context.shape[-1])
         x = x[..., self._order]
         x_a, x_b = x[..., : self.split], x[..., self.split :]
+        y_b, ladj = self._map_half(x_a, x_b, context, sign)
+        x_a = x_a.expand(*y_b.shape[:-1], self.split)
+        return torch.cat([x_a, y_b], dim=-1)[..., self._unorder], ladj
+
+    def _map_half(
+        self, x_a: Tensor, x_b: Tensor, context: Tensor | None, sign: int
+    ) -> tuple[Tensor, Tensor]:
+        """``y_b`` (or with ``sign < 0`` ``x_b`` from ``y_b``) and its log-determinant."""
         if self.kind == "spline":
             raw = self.net(x_a) if context is None else self.net(x_a, context)
             raw = raw.unflatten(-1, (self.dim - self.split, num_params(self.bins)))
             y_b, log_derivative = rational_quadratic(x_b, raw, self.bound, inverse=sign < 0)
-            x_a = x_a.expand(*y_b.shape[:-1], self.split)
-            return torch.cat([x_a, y_b], dim=-1)[..., self._unorder], log_derivative.sum(-1)
+            return y_b, log_derivative.sum(-1)
         shift, log_scale = self._shift_log_scale(x_a, context)
         if log_scale is None:
             y_b = x_b + sign * shift
@@ -115,8 +122,7 @@ class Coupling(Flow):
             y_b, ladj = x_b * log_scale.exp() + shift, log_scale.sum(-1)
         else:
             y_b, ladj = (x_b - shift) * (-log_scale).exp(), -log_scale.sum(-1)
-        x_a = x_a.expand(*y_b.shape[:-1], self.split)
-        return torch.cat([x_a, y_b], dim=-1)[..., self._unorder], ladj
+        return y_b, ladj
 
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         return self._map(x, context, +1)

@@ -121,7 +121,7 @@ def load_npz(path: str | Path) -> BinaryImages:
         arrays = {s: np.unpackbits(a, axis=1)[:, :pixels] for s, a in arrays.items()}
     else:
         pixels = width
-    splits = {s: _binary(torch.from_numpy(np.ascontiguousarray(a)), f"{path}[{s}]")
+    splits = {s: check_binary(torch.from_numpy(np.ascontiguousarray(a)), f"{path}[{s}]")
               for s, a in arrays.items()}  # fmt: skip
     return BinaryImages(**splits, image_shape=_square(pixels, path), name=path.stem)
 
@@ -136,7 +136,7 @@ def load_amat(folder: str | Path) -> BinaryImages:
             values = np.loadtxt(path, dtype=np.float32, ndmin=2)
         except ValueError as error:
             raise ValueError(f"{str(path)!r} is not an .amat file of numbers: {error}") from None
-        splits[split] = _binary(torch.from_numpy(values), str(path))
+        splits[split] = check_binary(torch.from_numpy(values), str(path))
     widths = {t.shape[1] for t in splits.values()}
     if len(widths) != 1:
         raise ValueError(f"{str(folder)!r}: the .amat splits have different widths {widths}")
@@ -183,7 +183,8 @@ def _binarized(grey: dict, shape, name: str, binarize: str, generator) -> Binary
     return BinaryImages(**splits, image_shape=shape, name=name, dynamic=dynamic)
 
 
-def _binary(x: Tensor, where: str) -> Tensor:
+def check_binary(x: Tensor, where: str) -> Tensor:
+    """``x`` as floats, refused (naming ``where``) unless every value is 0 or 1."""
     x = x.float()
     if not ((x == 0) | (x == 1)).all():
         raise ValueError(

@@ -31,11 +31,10 @@ def evaluate(
     chunk_size: int = 500,
     progress: bool = False,
 ) -> dict[str, float]:
-    """On the images ``x``: ``neg_elbo``, -ELBO per image (averaged over up to 100 draws per
-    image), and ``nll``, ``-log p(x)`` per image from
-    :func:`~pyroflows.infer.log_marginal_likelihood` with ``num_samples`` importance
-    samples drawn ``chunk_size`` at a time, ``batch_size`` images at a time, with its
-    standard error ``nll_stderr``."""
+    """On the images ``x``, from :func:`~pyroflows.infer.log_marginal_likelihood` with
+    ``num_samples`` importance samples per image drawn ``chunk_size`` at a time,
+    ``batch_size`` images at a time: ``neg_elbo``, -ELBO per image (the mean log weight),
+    and ``nll``, ``-log p(x)`` per image, with its standard error ``nll_stderr``."""
     x = vae.check_images(x)
     _checks.positive_int("num_samples", num_samples)
     _checks.positive_int("batch_size", batch_size)
@@ -53,8 +52,7 @@ def evaluate(
         log_px.append(r.log_px)
         if num_samples > 1:
             variance += (r.stderr**2).sum().item()
-        draws = min(num_samples, 100)
-        elbo += sum(vae.loss(batch).item() for _ in range(draws)) / draws
+        elbo -= r.elbo.sum().item()
     n = len(x)
     return {
         "neg_elbo": elbo / n,

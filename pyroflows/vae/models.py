@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .. import _checks
 from ..autoguide import HALF_LOG_2PI, AmortizedFlowGuide
 from ..flows import RECIPES
+from ..infer.objectives import kl_with_free_bits
 
 POSTERIORS = ("none", *RECIPES)
 ARCHITECTURES = ("mlp", "conv")
@@ -85,6 +86,10 @@ class VAE(nn.Module):
             **flow_options,
         }  # fmt: skip
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def check_images(self, x: Tensor, name: str = "x") -> Tensor:
         """``x`` as ``(batch, H * W)``, checked against the architecture's image size."""
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != self.pixels:
@@ -118,24 +123,18 @@ class VAE(nn.Module):
         ).sum(-1)  # fmt: skip
         if kl_weight == 1.0 and not free_bits:
             return -(likelihood + log_prior - log_q).sum()
-        kl = log_q - log_prior
-        kl = torch.clamp(kl.mean(), min=free_bits) * kl.numel() if free_bits else kl.sum()
-        return kl_weight * kl - likelihood.sum()
+        return kl_weight * kl_with_free_bits(log_q - log_prior, free_bits) - likelihood.sum()
 
     @torch.no_grad()
     def sample(self, num_images: int) -> Tensor:
         """Pixel probabilities of ``num_images`` images decoded from the prior."""
-        z = torch.randn(num_images, self.latent_dim, device=_device(self))
+        z = torch.randn(num_images, self.latent_dim, device=self.device)
         return torch.sigmoid(self.decoder(z))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Pixel probabilities decoded from one posterior draw per image."""
         return torch.sigmoid(self.decoder(self.guide.posterior(x).sample()))
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def _mlp(inputs: int, *widths: int) -> nn.Sequential:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .data import BinaryImages
+from .data import BinaryImages, check_binary
 from .models import VAE
 
 OPTIMIZERS = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam}
@@ -79,12 +79,7 @@ def train(
     train_x = vae.check_images(data.train, "data.train")
     vae.check_images(data.valid, "data.valid")
     for split in ("train", "valid") if not data.dynamic else ("valid",):
-        x = getattr(data, split)
-        if not ((x == 0) | (x == 1)).all():
-            raise ValueError(
-                f"data.{split}: the Bernoulli decoder needs pixels that are 0 or 1; binarize "
-                "grey images first (pyroflows.vae.load does for IDX files and the digits)"
-            )
+        check_binary(getattr(data, split), f"data.{split}")
     optimizer = OPTIMIZERS[config.optimizer](vae.parameters(), lr=config.lr)
     run, start = TrainRun(), 0
     out = Path(out) if out is not None else None
@@ -179,7 +174,7 @@ def load_checkpoint(path: Path, vae: VAE, config: Settings | None = None, optimi
     after checking that it was written for the same VAE and, with ``config``, the same
     settings but for ``epochs`` and ``patience``."""
     try:
-        state = torch.load(path, map_location=_device(vae), weights_only=True)
+        state = torch.load(path, map_location=vae.device, weights_only=True)
     except Exception as error:  # any unreadable file gets the same message
         raise ValueError(f"{str(path)!r} is not a readable checkpoint: {error}") from None
     _same(path, "VAE", state["vae_config"], vae.config)
@@ -222,10 +217,6 @@ def _stalled(run: TrainRun, patience: int | None) -> bool:
 
 def _state(vae: VAE) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in vae.state_dict().items()}
-
-
-def _device(vae: VAE) -> torch.device:
-    return next(vae.parameters()).device
 
 
 def _progress(enabled: bool, epochs: int, start: int):
