@@ -1,7 +1,14 @@
-"""Gradients of an ODE solve by replaying its accepted steps (the adaptive checkpoint adjoint
-of Zhuang et al., 2020, as zuko's CNF does): memory of one state per step plus one step's
-graph, and the gradient of back-propagating through the whole solve with its step sizes held
-fixed (exactly that gradient for fixed-step methods)."""
+"""Memory-saving gradients of an ODE solve through its recorded steps (the adaptive checkpoint
+adjoint of Zhuang et al., 2020), with one state kept per step.
+
+* Adaptive methods (as zuko's CNF does): each accepted step, taken backwards, is one step of
+  the same Runge-Kutta tableau applied to the adjoint system, from the recorded state at the
+  step's end, with the step size held. Only one function evaluation's graph is alive at a
+  time, and the backward pass costs one vector-Jacobian product per stage of each step. The
+  gradient is the continuous adjoint's, accurate to the solver's order on the accepted grid.
+* Fixed-grid methods: each step is replayed with its graph and back-propagated, which gives
+  exactly the gradient of direct back-propagation (memory of one step's stages).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torchdiffeq import odeint
+from torchdiffeq._impl.odeint import SOLVERS
 
 
 class _Steps:
@@ -50,10 +58,11 @@ class _Checkpointed(torch.autograd.Function):
     def forward(ctx, func, grid, adaptive, kwargs, n, *tensors):  # type: ignore[override]
         recorder = _Steps(func, adaptive)
         out = odeint(recorder, tuple(tensors[:n]), grid, **kwargs)
+        final = tuple(o[-1] for o in out)
         ctx.func, ctx.grid, ctx.adaptive, ctx.kwargs, ctx.n = func, grid, adaptive, kwargs, n
-        ctx.steps = recorder.steps
+        ctx.steps, ctx.final = recorder.steps, tuple(f.detach() for f in final)
         ctx.save_for_backward(*tensors[n:])
-        return tuple(o[-1] for o in out)
+        return final
 
     @staticmethod
     @once_differentiable
@@ -62,31 +71,78 @@ class _Checkpointed(torch.autograd.Function):
         adjoint = grads
         totals = [torch.zeros_like(x) for x in inputs]
         sign = 1.0 if ctx.grid[-1] > ctx.grid[0] else -1.0
+        tableau = _tableau(ctx.kwargs["method"]) if ctx.adaptive else None
         for i in reversed(range(len(ctx.steps))):
             t0, y0, dt = ctx.steps[i]
             # the last step may pass the end; the solution there is its interpolant
             end = ctx.grid[-1].to(t0) if i == len(ctx.steps) - 1 else t0 + sign * dt
-            y = tuple(v.detach().requires_grad_() for v in y0)
-            wrt = (*y, *inputs)
-            with torch.enable_grad():
-                y1 = _replay(ctx, y, torch.stack([t0, end]), dt)
-                step = torch.autograd.grad(y1, wrt, adjoint, allow_unused=True)
-            step = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, step, strict=True)]
-            adjoint = step[: ctx.n]
-            for total, g in zip(totals, step[ctx.n :], strict=True):
-                total += g
+            if tableau is None:
+                adjoint = _replayed_step(ctx, y0, t0, end, dt, adjoint, inputs, totals)
+            else:
+                state = ctx.final if i == len(ctx.steps) - 1 else ctx.steps[i + 1][1]
+                adjoint = _adjoint_step(ctx.func, tableau, state, end, t0, adjoint, inputs, totals)
         return (None, None, None, None, None, *adjoint, *totals)
 
 
-def _replay(ctx, y: tuple[Tensor, ...], grid: Tensor, dt: Tensor) -> tuple[Tensor, ...]:
-    """One recorded step again, with gradients: the same step size, so the same step."""
-    kwargs = dict(ctx.kwargs)
-    if ctx.adaptive:
-        kwargs["options"] = {**kwargs["options"], "first_step": dt}
-    else:
-        kwargs["options"] = {"grid_constructor": lambda func, y0, t: t}
-    recorder = _Steps(ctx.func, ctx.adaptive)
-    out = odeint(recorder, y, grid, **kwargs)
-    if len(recorder.steps) != 1:  # a replay is deterministic; this would be a solver change
-        raise RuntimeError(f"replaying one ODE step took {len(recorder.steps)} steps")
-    return tuple(o[-1] for o in out)
+def _tableau(method: str) -> tuple[list[float], list[list[float]], list[float]]:
+    """The Butcher tableau ``(nodes, rows, weights)`` of one of torchdiffeq's adaptive methods,
+    without a last stage of weight zero (the first-same-as-last evaluation)."""
+    tableau = SOLVERS[method].tableau
+    nodes = [0.0] + [float(a) for a in tableau.alpha]
+    rows = [[]] + [[float(b) for b in row] for row in tableau.beta]
+    weights = [float(c) for c in tableau.c_sol]
+    while weights and weights[-1] == 0.0:
+        nodes, rows, weights = nodes[:-1], rows[:-1], weights[:-1]
+    return nodes, rows, weights
+
+
+def _vjp(func, t, y, adjoint, inputs):
+    """``(f(t, y), aᵀ ∂f/∂y, aᵀ ∂f/∂inputs)`` from one evaluation whose graph is then freed."""
+    y = tuple(v.detach().requires_grad_() for v in y)
+    with torch.enable_grad():
+        dy = func(t, y)
+        wrt = (*y, *inputs)
+        grads = torch.autograd.grad(dy, wrt, adjoint, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads, strict=True)]
+    return tuple(d.detach() for d in dy), grads[: len(y)], grads[len(y) :]
+
+
+def _adjoint_step(func, tableau, state, start, end, adjoint, inputs, totals):
+    """One step of the tableau from ``start`` to ``end`` on the adjoint system
+    ``dy/dt = f``, ``da/dt = -aᵀ ∂f/∂y``, ``dθ̄/dt = -aᵀ ∂f/∂θ``; adds the inputs' part to
+    ``totals`` and returns the adjoint at ``end``."""
+    nodes, rows, weights = tableau
+    h = end - start
+    stages: list[tuple[tuple[Tensor, ...], list[Tensor]]] = []
+
+    def combine(start: tuple[Tensor, ...], coefficients: list[float], part: int):
+        """``start + h Σ_j c_j k_j`` over the stages so far, ``k`` the state's or the
+        adjoint's derivatives (``part`` 0 or 1)."""
+        terms = list(zip(coefficients, stages, strict=False))
+        return tuple(v + h * sum(c * s[part][j] for c, s in terms) for j, v in enumerate(start))
+
+    for node, row in zip(nodes, rows, strict=True):
+        y, a = (combine(state, row, 0), combine(adjoint, row, 1)) if row else (state, adjoint)
+        dy, ay, ainputs = _vjp(func, start + node * h, y, a, inputs)
+        stages.append((dy, [-g for g in ay]))
+        for total, g in zip(totals, ainputs, strict=True):
+            total -= (h * weights[len(stages) - 1]) * g
+    return combine(adjoint, weights, 1)
+
+
+def _replayed_step(ctx, y0, t0, end, dt, adjoint, inputs, totals):
+    """One recorded fixed-grid step again, with gradients (the same step), back-propagated;
+    adds the inputs' part to ``totals`` and returns the adjoint of the step's start."""
+    y = tuple(v.detach().requires_grad_() for v in y0)
+    wrt = (*y, *inputs)
+    kwargs = {**ctx.kwargs, "options": {"grid_constructor": lambda func, y0, t: t}}
+    with torch.enable_grad():
+        recorder = _Steps(ctx.func, adaptive=False)
+        y1 = tuple(o[-1] for o in odeint(recorder, y, torch.stack([t0, end]), **kwargs))
+        if len(recorder.steps) != 1:  # a replay is deterministic; this would be a solver change
+            raise RuntimeError(f"replaying one ODE step took {len(recorder.steps)} steps")
+        step = torch.autograd.grad(y1, wrt, adjoint, allow_unused=True)
+    step = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, step, strict=True)]
+    for total, g in zip(totals, step[ctx.n :], strict=True):
+        total += g
+    return tuple(step[: ctx.n])
