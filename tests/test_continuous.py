@@ -112,7 +112,7 @@ def _gradients(mode: str, trace: str, reverse: bool = False, **options) -> list[
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 def test_memory_saving_gradients_match_direct_backpropagation(mode, trace):
     """Adaptive steps: equal to solver tolerance (direct back-propagation also differentiates
-    the step-size choices, which the adjoint and the replayed steps hold fixed)."""
+    the step-size choices, which the adjoint and the checkpointed steps hold fixed)."""
     for direct, other in zip(_gradients("direct", trace), _gradients(mode, trace), strict=True):
         torch.testing.assert_close(other, direct, atol=1e-5, rtol=1e-4)
 

@@ -107,7 +107,7 @@ class _Solve:
         scale: float,
     ) -> None:
         self.dynamics, self.context = dynamics, context
-        # the context's term once per solve; the adjoint and the replayed steps need it inside
+        # the context's term once per solve; the adjoint and the backward steps need it inside
         # the function, since their gradients are taken of the function alone
         self.context_term = dynamics.context_term(context) if precompute else None
         self.trace, self.probe = trace, probe
@@ -173,9 +173,10 @@ class Continuous(Flow):
     inverse integrates backward in time. Gradients: back-propagation through the solver
     (default: fastest, memory grows with the steps), ``adjoint=True`` (``odeint_adjoint``:
     memory constant in the steps, a second adaptive solve backward) or ``checkpoint=True``
-    (each accepted step replayed with gradients during the backward pass: one state per step
-    in memory, about 1.4x the default's time, the default's gradient with step sizes held
-    fixed). The trace is ``trace="exact"`` (one vector-Jacobian product per dimension) or
+    (one state per step in memory and one function evaluation's graph at a time: each
+    accepted step of an adaptive method is taken backwards as one step of the same tableau on
+    the adjoint system, as zuko does; fixed steps are replayed, giving the default's
+    gradient). The trace is ``trace="exact"`` (one vector-Jacobian product per dimension) or
     ``"hutchinson"`` (``E[εᵀ ∂f/∂z ε]`` with one Rademacher or Gaussian probe ``ε`` held fixed
     within a solve, FFJORD's unbiased estimate). Set ``flow.trace = "exact"`` to evaluate
     exactly after training with Hutchinson: the solver settings are plain attributes, checked
@@ -193,7 +194,7 @@ class Continuous(Flow):
     ``rk4``, ``midpoint``, ``euler`` with ``num_steps`` steps), end time ``time`` (learnable
     with ``learn_time=True``). ``nfe_forward`` and ``nfe_backward`` give the number of
     function evaluations of the last solve and of the backward pass through it (the adjoint's
-    backward solve or the replayed steps; direct back-propagation evaluates no function).
+    backward solve or the backward steps; direct back-propagation evaluates no function).
 
     ``regularize=True`` also integrates RNODE's regularisers (Finlay et al., 2020), the kinetic
     energy ``∫|f|² dt`` and the Jacobian Frobenius norm ``∫|∂f/∂z|²_F dt`` (exact, or its
@@ -265,7 +266,7 @@ class Continuous(Flow):
     @property
     def nfe_backward(self) -> int:
         """Function evaluations since the last solve ended: the adjoint's backward solve or the
-        replayed steps."""
+        backward steps."""
         return 0 if self._solve is None else self._solve.calls - self._solve.calls_in_solve
 
     def __getstate__(self) -> dict:
@@ -317,7 +318,7 @@ class Continuous(Flow):
         else:
             options = {"step_size": 1.0 / self.num_steps}
         kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method, "options": options}
-        params = ()  # what the adjoint and the replayed steps return gradients for
+        params = ()  # what the adjoint and the backward steps return gradients for
         if mode != "direct":
             params = tuple(p for p in self.dynamics.parameters() if p.requires_grad)
             if context is not None and context.requires_grad:
