@@ -1,7 +1,8 @@
 """Normalizing flows for variational inference in Pyro."""
 
-from . import diagnostics, flows, infer, targets, transforms, vae
+from . import density, diagnostics, flows, infer, targets, transforms, vae
 from .autoguide import AmortizedFlowGuide, AutoFlow
+from .density import fit_data
 from .fit import FitResult, fit
 from .flows import build
 
@@ -12,8 +13,10 @@ __all__ = [
     "FitResult",
     "__version__",
     "build",
+    "density",
     "diagnostics",
     "fit",
+    "fit_data",
     "flows",
     "infer",
     "targets",

@@ -93,9 +93,11 @@ def parser() -> argparse.ArgumentParser:
         help="folder for the figures and results.md (default: pyroflows-demo)",
     )
     _sample_parser(commands)
-    from .vae.command import add_parser
+    from .density.command import add_parser as add_density
+    from .vae.command import add_parser as add_vae
 
-    add_parser(commands, _positive_int)
+    add_vae(commands, _positive_int)
+    add_density(commands, _positive_int)
     return out
 
 
@@ -227,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .vae.command import run
 
         return run(cli, args)
+    if args.command == "density":
+        from .density.command import run as run_density
+
+        return run_density(cli, args)
     if args.command != "demo":
         cli.print_help()
         return 0

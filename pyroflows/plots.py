@@ -155,3 +155,39 @@ def _tiles(images: Tensor, shape: tuple[int, int], columns: int) -> Tensor:
         r, c = divmod(i, columns)
         grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
     return grid
+
+
+def plot_density_training(history: Sequence[dict[str, float]], path: str | Path) -> None:
+    """A maximum-likelihood fit's training and validation negative log-likelihood per epoch
+    (bits per dimension for discrete data): the records of
+    :class:`pyroflows.density.DensityFit`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    unit = "bits_per_dim" if history and "train_bits_per_dim" in history[0] else "nll"
+    epochs = [h["epoch"] for h in history]
+    for split in ("train", "valid"):
+        if history and f"{split}_{unit}" in history[0]:
+            ax.plot(epochs, [h[f"{split}_{unit}"] for h in history], label=split)
+    ylabel = "bits per dimension" if unit == "bits_per_dim" else "nats per row"
+    ax.set(xlabel="epoch", ylabel=ylabel, title="maximum-likelihood fit")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_density_samples(model, data, path: str | Path, num: int = 64) -> None:
+    """Draws of a fitted density model beside data: image tiles for square images, the
+    first two coordinates otherwise."""
+    draws = model.sample(num if data.image_shape else 2000).cpu()
+    shown = data.train[: len(draws)].cpu()
+    if data.image_shape:
+        scale = (data.levels or 2) - 1
+        plot_images([shown[:32] / scale, draws / scale], data.image_shape, path, 16)
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+    for ax, rows, title in zip(axes, (shown, draws), ("data", "model draws"), strict=True):
+        ax.scatter(rows[:, 0], rows[:, -1], s=2, alpha=0.4)
+        ax.set_title(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -13,8 +13,6 @@ written atomically, and ``resume`` that continues an interrupted run bit for bit
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _training
 from .data import BinaryImages, check_binary
 from .models import VAE
 
@@ -95,9 +93,9 @@ def train(
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
     warmup_steps = config.warmup_epochs * steps_per_epoch
     best_state = None  # the best parameters seen in this call
-    bar = _progress(progress, config.epochs, start)
+    bar = _training.progress(progress, config.epochs, start)
     for epoch in range(start, config.epochs):
-        if _stalled(run, config.patience):
+        if _training.stalled(len(run.history), run.best_epoch, config.patience):
             run.stopped = f"early stop after epoch {epoch}: no better validation ELBO in " \
                 f"{config.patience} epochs"  # fmt: skip
             break
@@ -125,7 +123,7 @@ def train(
         run.history.append({"epoch": epoch + 1, "train_loss": total / len(images),
                             "valid_loss": valid, "kl_weight": beta})  # fmt: skip
         if valid <= run.best_valid:
-            run.best_epoch, best_state = epoch + 1, _state(vae)
+            run.best_epoch, best_state = epoch + 1, _training.copy_state(vae)
             if out is not None:
                 save_checkpoint(out / BEST, vae, config, optimizer, run)
         if out is not None:
@@ -151,53 +149,21 @@ def validation_loss(vae: VAE, x: Tensor, batch_size: int = 1000) -> float:
 
 
 def save_checkpoint(path: Path, vae: VAE, config: Settings, optimizer, run: TrainRun) -> None:
-    """Everything ``resume`` needs, written to a temporary file in the same folder and
-    renamed over ``path``, so an interrupted write never leaves a broken checkpoint."""
-    state = {
-        "vae": vae.state_dict(), "vae_config": vae.config, "settings": asdict(config),
-        "optimizer": optimizer.state_dict(), "history": run.history,
-        "best_epoch": run.best_epoch, "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }  # fmt: skip
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Everything ``resume`` needs, written atomically (:func:`pyroflows._training.save_run`)."""
+    _training.save_run(
+        path, "vae", vae, vae.config, asdict(config), optimizer, run.history, run.best_epoch
+    )
 
 
 def load_checkpoint(path: Path, vae: VAE, config: Settings | None = None, optimizer=None):
     """Restore ``vae`` (and, given them, the optimizer and the random state) from ``path``,
     after checking that it was written for the same VAE and, with ``config``, the same
     settings but for ``epochs`` and ``patience``."""
-    try:
-        state = torch.load(path, map_location=vae.device, weights_only=True)
-    except Exception as error:  # any unreadable file gets the same message
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint: {error}") from None
-    _same(path, "VAE", state["vae_config"], vae.config)
-    if config is not None:
-        loose = ("epochs", "patience")
-        _same(path, "settings", {k: v for k, v in state["settings"].items() if k not in loose},
-              {k: v for k, v in asdict(config).items() if k not in loose})  # fmt: skip
-    vae.load_state_dict(state["vae"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"].cpu())
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-    return TrainRun(history=list(state["history"]), best_epoch=state["best_epoch"])
-
-
-def _same(path: Path, what: str, saved: dict, now: dict) -> None:
-    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}
-    now = {k: list(v) if isinstance(v, tuple) else v for k, v in now.items()}
-    if saved != now:
-        keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        diff = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in keys)
-        raise ValueError(f"{str(path)!r} was written for a different {what} ({diff})")
+    settings = None if config is None else asdict(config)
+    history, best = _training.load_run(
+        path, "vae", vae, vae.config, vae.device, settings, optimizer, what="VAE"
+    )
+    return TrainRun(history=history, best_epoch=best)
 
 
 def _check_settings(config: Settings) -> None:
@@ -209,19 +175,3 @@ def _check_settings(config: Settings) -> None:
     _checks.nonnegative_number("free_bits", config.free_bits)
     if config.patience is not None:
         _checks.positive_int("patience", config.patience)
-
-
-def _stalled(run: TrainRun, patience: int | None) -> bool:
-    return bool(patience and run.best_epoch and len(run.history) - run.best_epoch >= patience)
-
-
-def _state(vae: VAE) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
-
-
-def _progress(enabled: bool, epochs: int, start: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=epochs, initial=start, desc="epochs", unit="epoch")

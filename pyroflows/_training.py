@@ -1,0 +1,97 @@
+"""What every epoch-based training loop shares: checkpoints written atomically and read with
+``weights_only=True`` (refusing another configuration by name), the random state that makes
+``resume`` bit for bit, early stopping and the progress bar."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def atomic_save(state: dict[str, Any], path: Path) -> None:
+    """``torch.save(state)`` to a temporary file in ``path``'s folder, then renamed over
+    ``path``, so an interrupted write never leaves a broken checkpoint."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(state, f)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_run(
+    path: Path, name: str, module: nn.Module, config: dict, settings: dict, optimizer,
+    history: list[dict[str, float]], best_epoch: int | None,
+) -> None:  # fmt: skip
+    """Everything ``resume`` needs: the module as ``name`` with its configuration as
+    ``name + "_config"``, the settings, the optimizer, the record and the random state."""
+    atomic_save({
+        name: module.state_dict(), f"{name}_config": config, "settings": settings,
+        "optimizer": optimizer.state_dict(), "history": history, "best_epoch": best_epoch,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }, path)  # fmt: skip
+
+
+def load_run(
+    path: Path, name: str, module: nn.Module, config: dict, device: torch.device,
+    settings: dict | None = None, optimizer=None, *, what: str | None = None,
+) -> tuple[list[dict[str, float]], int | None]:  # fmt: skip
+    """Restore ``module`` (and, given them, the optimizer and the random state) from a
+    :func:`save_run` checkpoint, after checking that it was written for the same
+    configuration and, with ``settings``, the same settings but for ``epochs`` and
+    ``patience`` (``what`` names the module in the messages); returns the record and the
+    best epoch."""
+    what = what or name
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # any unreadable file gets the same message
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint: {error}") from None
+    if f"{name}_config" not in state:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of a {what}")
+    _same(path, what, state[f"{name}_config"], config)
+    if settings is not None:
+        loose = ("epochs", "patience")
+        _same(path, "settings", {k: v for k, v in state["settings"].items() if k not in loose},
+              {k: v for k, v in settings.items() if k not in loose})  # fmt: skip
+    module.load_state_dict(state[name])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    return list(state["history"]), state["best_epoch"]
+
+
+def _same(path: Path, what: str, saved: dict, now: dict) -> None:
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in now.items()}
+    if saved != now:
+        keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        diff = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in keys)
+        raise ValueError(f"{str(path)!r} was written for a different {what} ({diff})")
+
+
+def stalled(history_len: int, best_epoch: int | None, patience: int | None) -> bool:
+    """Whether ``patience`` epochs have passed without a better validation score."""
+    return bool(patience and best_epoch and history_len - best_epoch >= patience)
+
+
+def copy_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def progress(enabled: bool, epochs: int, start: int):
+    """A tqdm bar over epochs, or ``None``."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=epochs, initial=start, desc="epochs", unit="epoch")

@@ -1,0 +1,291 @@
+"""Maximum-likelihood (forward-KL) fitting of a flow to data.
+
+``fit_data`` minimises the mean negative log-likelihood ``-E_data[log p(x)]``, i.e. the
+forward KL ``KL(p_data || p)`` up to a constant: the fit covers every mode of the data, where
+a reverse-KL fit (:func:`pyroflows.fit`) may drop some. Early stopping watches the held-out
+negative log-likelihood; a checkpoint is written atomically every epoch, and ``resume``
+continues an interrupted run bit for bit.
+
+>>> import torch
+>>> x = torch.randn(500, 2) @ torch.tensor([[1.0, 0.9], [0.0, 0.4]])
+>>> result = fit_data(x, flow="maf", num_layers=2, epochs=3, progress=False)
+>>> len(result.history), result.model.log_prob(x[:4]).shape
+(3, torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _training
+from .model import LOG_2, DensityModel
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
+Batches = Tensor | Iterable  # a tensor of rows, or batches (x or (x, context)) such as a DataLoader
+
+
+@dataclass
+class Settings:
+    """What a fit depends on besides the model; ``resume`` refuses other settings."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    patience: int | None = 10  # epochs without a better validation loss before stopping
+    seed: int = 0
+
+
+@dataclass
+class DensityFit:
+    """The fitted model (at its best validation epoch) and the per-epoch record: training
+    and validation negative log-likelihood in nats per row, and bits per dimension for
+    discrete data; ``stopped`` says why training ended early."""
+
+    model: DensityModel
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped: str | None = None
+
+
+def fit_data(
+    x: Batches,
+    flow: str = "maf",
+    *,
+    context: Tensor | None = None,
+    valid: Batches | None = None,
+    valid_context: Tensor | None = None,
+    valid_fraction: float = 0.1,
+    dequantize: str | None = None,
+    levels: int | None = None,
+    alpha: float = 0.05,
+    dequantizer: dict[str, Any] | None = None,
+    num_layers: int = 4,
+    standardize: bool = True,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+    **flow_options: Any,
+) -> DensityFit:
+    """Fit ``flow`` (a recipe name) to the rows of ``x`` by maximum likelihood.
+
+    ``x``: a tensor ``(N, *features)`` (features are flattened), or an iterable of batches
+    (a ``DataLoader``) yielding tensors or ``(x, context)`` pairs; ``context`` (rows
+    matching ``x``) makes it a conditional density estimate ``p(x | context)``.
+    ``valid`` (tensor or batches) is held out for early stopping; without it a tensor ``x``
+    gives up ``valid_fraction`` of its rows (a seeded shuffle), and batches of ``x`` train
+    every epoch without early stopping.
+
+    ``dequantize="uniform"`` or ``"variational"`` with ``levels`` fits discrete data on
+    ``{0, ..., levels - 1}`` (see :class:`~pyroflows.density.Dequantization`; ``alpha`` is
+    its logit margin, ``dequantizer`` the options of its noise flow). ``standardize`` sets the
+    model's affine map from the training rows first. ``settings`` are :class:`Settings`
+    (``epochs``, ``batch_size``, ``lr``, ``optimizer``, ``weight_decay``, ``patience``,
+    ``seed``); ``flow_options`` go to the recipe. With ``out`` the checkpoints
+    ``checkpoint.pt`` (every epoch) and ``best.pt`` are written there; ``resume=True``
+    continues from ``checkpoint.pt``. A non-finite loss stops training before its update,
+    with the epoch and step in ``stopped``, and writes no checkpoint.
+    """
+    config = Settings(**(settings or {}))
+    _check_settings(config)
+    dev = _checks.device("device", device) if device is not None else torch.device("cpu")
+    torch.manual_seed(config.seed)
+    train, valid, context, valid_context = _split(x, context, valid, valid_context, valid_fraction)
+    first, first_context = _first_rows(train, context)
+    model = DensityModel(
+        first.shape[-1], flow, num_layers,
+        context_dim=0 if first_context is None else first_context.shape[-1],
+        dequantize=dequantize, levels=levels, alpha=alpha, dequantizer=dequantizer,
+        **flow_options,
+    ).to(dev)  # fmt: skip
+    if standardize:
+        model.standardize(model.check(first.to(dev), _to(first_context, dev)))
+    return _train(model, train, context, valid, valid_context, config, out, resume, progress)
+
+
+def _to(tensor: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if tensor is None else tensor.to(device)
+
+
+def _flat(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() < 2 or len(x) < 1:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a tensor of shape (N, *features), got {shape}")
+    return x.reshape(len(x), -1)
+
+
+def _split(x, context, valid, valid_context, fraction):
+    if isinstance(x, Tensor):
+        x = _flat(x, "x")
+        if context is not None and (not isinstance(context, Tensor) or len(context) != len(x)):
+            raise ValueError(f"context must be a tensor with {len(x)} rows, one per row of x")
+        if valid is None:
+            if not 0 < fraction < 1:
+                raise ValueError(f"valid_fraction must lie in (0, 1), got {fraction!r}")
+            order = torch.randperm(len(x))
+            n = max(1, round(fraction * len(x)))
+            if n >= len(x):
+                raise ValueError(f"x: {len(x)} rows are too few to hold out a validation set")
+            valid, x = x[order[:n]], x[order[n:]]
+            if context is not None:
+                valid_context, context = context[order[:n]], context[order[n:]]
+    elif context is not None:
+        raise ValueError("context: with batches of x, give each batch as (x, context)")
+    if isinstance(valid, Tensor):
+        valid = _flat(valid, "valid")
+    return x, valid, context, valid_context
+
+
+def _first_rows(data: Batches, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The training tensor and its context, or the first batch of an iterable: the model's
+    widths and the rows standardization is computed from."""
+    if isinstance(data, Tensor):
+        return data, context
+    batch = next(iter(data), None)
+    if batch is None:
+        raise ValueError("x: the batches are empty")
+    x, c = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+    return _flat(x, "a batch of x"), c
+
+
+def _batches(model: DensityModel, data: Batches, context: Tensor | None, size: int, name: str):
+    """``(x, context)`` batches on the model's device: a tensor shuffled (from the global
+    generator) into ``size`` rows, or an iterable as it comes."""
+    device = model.loc.device
+    if isinstance(data, Tensor):
+        order = torch.randperm(len(data), device=data.device)
+        for start in range(0, len(data), size):
+            rows = order[start : start + size]
+            yield data[rows], None if context is None else context[rows]
+        return
+    for batch in data:
+        x, c = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+        yield _flat(x, f"a batch of {name}").to(device), None if c is None else c.to(device)
+
+
+def _train(model, train, context, valid, valid_context, config, out, resume, progress):
+    device = model.loc.device
+    if isinstance(train, Tensor):
+        train = model.check(train, context).to(device)
+        context = None if context is None else context.to(device, train.dtype)
+    if isinstance(valid, Tensor):
+        valid = model.check(valid, valid_context, "valid").to(device)
+        valid_context = None if valid_context is None else valid_context.to(device, valid.dtype)
+    optimizer = OPTIMIZERS[config.optimizer](
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    result, start = DensityFit(model), 0
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        if out is None or not (out / CHECKPOINT).exists():
+            raise FileNotFoundError(f"resume: no {CHECKPOINT} in out={str(out)!r}")
+        result = load_checkpoint(out / CHECKPOINT, model, config, optimizer)
+        start = len(result.history)
+    best_state = None
+    bar = _training.progress(progress, config.epochs, start)
+    for epoch in range(start, config.epochs):
+        if _training.stalled(len(result.history), result.best_epoch, config.patience):
+            result.stopped = (f"early stop after epoch {epoch}: no better validation loss in "
+                              f"{config.patience} epochs")  # fmt: skip
+            break
+        model.train()
+        total, rows = 0.0, 0
+        for step, (x, c) in enumerate(_batches(model, train, context, config.batch_size, "x")):
+            if not isinstance(train, Tensor):
+                x = model.check(x, c)
+            loss = -model.log_prob(x, c).mean()
+            if not torch.isfinite(loss):
+                result.stopped = (f"non-finite loss {loss.item()} at epoch {epoch + 1}, "
+                                  f"step {step + 1}")  # fmt: skip
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, rows = total + loss.item() * len(x), rows + len(x)
+            if bar is not None and step % 10 == 0:
+                bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+        if result.stopped:
+            break
+        record = {"epoch": epoch + 1, "train_nll": total / max(rows, 1)}
+        if valid is not None:
+            record["valid_nll"] = validation_nll(model, valid, valid_context, config.batch_size)
+        if model.discrete:
+            for key in [k for k in record if k.endswith("nll")]:
+                record[key.replace("nll", "bits_per_dim")] = record[key] / (model.dim * LOG_2)
+        result.history.append(record)
+        score = record.get("valid_nll", record["train_nll"])
+        if score <= min(h.get("valid_nll", h["train_nll"]) for h in result.history):
+            result.best_epoch, best_state = epoch + 1, _training.copy_state(model)
+            if out is not None:
+                save_checkpoint(out / BEST, model, config, optimizer, result)
+        if out is not None:
+            save_checkpoint(out / CHECKPOINT, model, config, optimizer, result)
+        if bar is not None:
+            bar.set_postfix(nll=f"{score:.3f}", refresh=False)
+            bar.update()
+    if bar is not None:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif result.history and out is not None and (out / BEST).exists():
+        load_checkpoint(out / BEST, model)
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def validation_nll(
+    model: DensityModel, x: Batches, context: Tensor | None = None, batch_size: int = 1000
+) -> float:  # fmt: skip
+    """Mean negative log-likelihood per row (nats); the one-draw bound for discrete data."""
+    model.eval()
+    total, rows = 0.0, 0
+    if isinstance(x, Tensor):
+        parts = [(x[i : i + batch_size], None if context is None else context[i : i + batch_size])
+                 for i in range(0, len(x), batch_size)]  # fmt: skip
+    else:
+        parts = _batches(model, x, None, batch_size, "valid")
+    for rows_x, rows_c in parts:
+        rows_x = model.check(rows_x, rows_c, "valid")
+        total += -model.log_prob(rows_x, rows_c).sum().item()
+        rows += len(rows_x)
+    return total / rows
+
+
+def save_checkpoint(path: Path, model: DensityModel, config: Settings, optimizer, run) -> None:
+    """Everything ``resume`` needs, written atomically (:func:`pyroflows._training.save_run`)."""
+    _training.save_run(path, "density", model, model.config, asdict(config), optimizer,
+                       run.history, run.best_epoch)  # fmt: skip
+
+
+def load_checkpoint(path: Path, model: DensityModel, config: Settings | None = None,
+                    optimizer=None) -> DensityFit:  # fmt: skip
+    """Restore ``model`` (and, given them, the optimizer and the random state) from
+    ``path``, refusing a checkpoint of another model or, with ``config``, other settings
+    (``epochs`` and ``patience`` may differ)."""
+    settings = None if config is None else asdict(config)
+    history, best = _training.load_run(path, "density", model, model.config, model.loc.device,
+                                       settings, optimizer, what="density model")  # fmt: skip
+    return DensityFit(model, history, best)
+
+
+def _check_settings(config: Settings) -> None:
+    _checks.positive_int("epochs", config.epochs)
+    _checks.positive_int("batch_size", config.batch_size)
+    _checks.positive_number("lr", config.lr)
+    _checks.one_of("optimizer", config.optimizer, OPTIMIZERS)
+    _checks.nonnegative_number("weight_decay", config.weight_decay)
+    if config.patience is not None:
+        _checks.positive_int("patience", config.patience)
