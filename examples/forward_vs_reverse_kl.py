@@ -22,9 +22,8 @@ args = parser.parse_args()
 torch.manual_seed(0)
 target = pf.targets.ring(modes=4, radius=3.0, scale=0.4)
 options = {"num_layers": 6, "hidden_dims": (32, 32)}
-settings = {"epochs": 30, "batch_size": 200, "lr": 3e-3}
-forward = pf.fit_data(target.sample((4000,)), "realnvp", progress=False, settings=settings,
-                      **options)  # fmt: skip
+forward = pf.fit_data(target.sample((4000,)), "realnvp", epochs=30, batch_size=200, lr=3e-3,
+                      progress=False, **options)  # fmt: skip
 reverse = pf.fit(target, "realnvp", steps=600, particles=256, lr=3e-3, progress=False,
                  seed=0, **options)  # fmt: skip
 

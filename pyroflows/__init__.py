@@ -1,6 +1,6 @@
 """Normalizing flows for variational inference in Pyro."""
 
-from . import density, diagnostics, flows, infer, targets, transforms, vae
+from . import density, diagnostics, distributed, flows, infer, targets, transforms, vae
 from .autoguide import AmortizedFlowGuide, AutoFlow
 from .density import fit_data
 from .fit import FitResult, fit
@@ -15,6 +15,7 @@ __all__ = [
     "build",
     "density",
     "diagnostics",
+    "distributed",
     "fit",
     "fit_data",
     "flows",

@@ -12,14 +12,17 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions import constraints
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_feasible, init_to_median
 from pyro.nn import PyroParam
+from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from . import _checks
 from .flows import RECIPES, build
+from .transforms.base import cache_disabled
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -169,6 +172,31 @@ class AutoFlow(AutoContinuous):
         loc, scale = self.loc, self.scale
         return dist.TransformedDistribution(self._base(loc), self._layers(loc, scale))
 
+    def stopped_log_probs(self, guide_trace: Any) -> dict[str, Tensor]:
+        """Each latent site's log density at its value in ``guide_trace`` with this guide's
+        parameters stopped, for STL and DReG (taken by
+        :func:`pyroflows.infer.weights.stopped_guide_log_probs` in place of a re-run of the
+        guide through Pyro): the joint latent's under the flow and placement with detached
+        parameters, its inverse warm-started at the sample (see ``Flow._warm_start``); each
+        placed site's as traced, since its density (the change of variables to the site's
+        support) reads no parameter. The values and gradients are the re-run's (tested)."""
+        out = {}
+        for name, site in guide_trace.nodes.items():
+            latent = site["type"] == "sample" and not site["is_observed"]
+            if not latent or isinstance(site["fn"], _Subsample):
+                continue
+            if site["infer"].get("is_auxiliary"):
+                detached = {f"flow.{k}": v.detach() for k, v in self.flow.named_parameters()}
+                density = _StoppedDensity(self.flow, self._base(self.loc))
+                with cache_disabled():
+                    log_prob = torch.func.functional_call(
+                        density, detached, (site["value"], self.loc.detach(), self.scale.detach())
+                    )
+            else:
+                log_prob = site["fn"].log_prob(site["value"])
+            out[name] = scale_and_mask(log_prob, 1.0, site["mask"])
+        return out
+
     @torch.no_grad()
     def quantiles(
         self, quantiles: Sequence[float], *args: Any, num_samples: int = 1000, **kwargs: Any
@@ -189,6 +217,18 @@ class AutoFlow(AutoContinuous):
         """Per-site medians in constrained space, estimated from ``num_samples`` draws."""
         q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
         return {site: value[0] for site, value in q.items()}
+
+
+class _StoppedDensity(nn.Module):
+    """AutoFlow's ``log q`` as a module of its flow, to be called with swapped parameters."""
+
+    def __init__(self, flow: nn.Module, base: dist.Distribution) -> None:
+        super().__init__()
+        self.flow, self.base = flow, base
+
+    def forward(self, value: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+        place = dist.transforms.AffineTransform(loc, scale, event_dim=1)
+        return dist.TransformedDistribution(self.base, [*self.flow, place]).log_prob(value)
 
 
 class AmortizedFlowGuide(nn.Module):

@@ -32,7 +32,7 @@ def test_held_out_likelihood_approaches_the_true_density():
     train, test = target.sample((4000,)), target.sample((2000,))
     true = target.log_prob(test)  # normalised (log Z = 0)
     result = fit_data(train, "maf", num_layers=4, hidden_dims=(32, 32), progress=False,
-                      settings={"epochs": 40, "batch_size": 200, "lr": 3e-3})  # fmt: skip
+                      epochs=40, batch_size=200, lr=3e-3)  # fmt: skip
     with torch.no_grad():
         gap = (true - result.model.log_prob(test)).mean().item()
     assert 0 < gap < 0.1, gap  # KL(p || q) estimate: small, and not negative beyond noise
@@ -43,7 +43,7 @@ def test_forward_kl_covers_every_mode():
     torch.manual_seed(1)
     target = GaussianMixture(torch.tensor([[-4.0, 0.0], [4.0, 0.0]]), 0.5)
     result = fit_data(target.sample((3000,)), "realnvp", num_layers=6, progress=False,
-                      settings={"epochs": 30, "batch_size": 200, "lr": 3e-3})  # fmt: skip
+                      epochs=30, batch_size=200, lr=3e-3)  # fmt: skip
     right = (result.model.sample(4000)[:, 0] > 0).float().mean().item()
     assert 0.35 < right < 0.65  # both modes keep mass (true 0.5)
 
@@ -60,9 +60,9 @@ def test_conditional_density_learns_its_context():
     x, c, _ = draw(3000)
     test_x, test_c, true = draw(1000)
     conditional = fit_data(x, "maf", context=c, num_layers=2, progress=False,
-                           settings={"epochs": 25, "batch_size": 200, "lr": 3e-3})  # fmt: skip
+                           epochs=25, batch_size=200, lr=3e-3)  # fmt: skip
     plain = fit_data(x, "maf", num_layers=2, progress=False,
-                     settings={"epochs": 25, "batch_size": 200, "lr": 3e-3})  # fmt: skip
+                     epochs=25, batch_size=200, lr=3e-3)  # fmt: skip
     with torch.no_grad():
         gap = (true - conditional.model.log_prob(test_x, test_c)).mean().item()
         plain_gap = (true - plain.model.log_prob(test_x)).mean().item()
@@ -73,11 +73,11 @@ def test_conditional_density_learns_its_context():
 def test_batches_with_a_context_build_a_conditional_model():
     x, c = torch.randn(200, 2), torch.randn(200, 3)
     loader = DataLoader(TensorDataset(x, c), batch_size=50, shuffle=True)
-    result = fit_data(loader, "realnvp", num_layers=2, progress=False, settings=QUICK)
+    result = fit_data(loader, "realnvp", num_layers=2, progress=False, **QUICK)
     assert result.model.context_dim == 3 and len(result.history) == 2
     assert "valid_nll" not in result.history[0]  # no held-out set: every epoch, no stopping
     plain = fit_data(DataLoader(x, batch_size=50), "maf", valid=x[:20], num_layers=1,
-                     progress=False, settings=QUICK)  # fmt: skip
+                     progress=False, **QUICK)  # fmt: skip
     assert "valid_nll" in plain.history[0]
 
 
@@ -114,7 +114,7 @@ def test_dequantized_digits_beat_a_uniform_model_and_variational_is_no_worse():
     for kind in ("uniform", "variational"):
         result = fit_data(data.train, "maf", valid=data.valid, dequantize=kind, levels=17,
                           num_layers=2, hidden_dims=(128,), progress=False,
-                          settings={"epochs": 6, "batch_size": 100, "seed": 0})  # fmt: skip
+                          epochs=6, batch_size=100, seed=0)  # fmt: skip
         torch.manual_seed(0)
         bits[kind] = result.model.bits_per_dim(data.test, num_samples=8)
         assert result.history[-1]["valid_bits_per_dim"] < result.history[0]["valid_bits_per_dim"]
@@ -154,7 +154,7 @@ def test_every_recipe_with_an_inverse_fits(flow):
     torch.manual_seed(6)
     x = torch.randn(64, 2) * torch.tensor([1.0, 0.3])
     layers = 1 if flow == "cnf" else 2
-    result = fit_data(x, flow, num_layers=layers, progress=False, settings={"epochs": 1})
+    result = fit_data(x, flow, num_layers=layers, progress=False, epochs=1)
     assert math.isfinite(result.history[0]["valid_nll"])
     assert result.model.log_prob(x).requires_grad
 
@@ -162,9 +162,9 @@ def test_every_recipe_with_an_inverse_fits(flow):
 def test_resume_continues_bit_for_bit(tmp_path):
     x = torch.randn(300, 2)
     options = {"dequantize": None, "num_layers": 2, "progress": False}
-    whole = fit_data(x, "realnvp", out=tmp_path / "a", settings={"epochs": 4}, **options)
-    fit_data(x, "realnvp", out=tmp_path / "b", settings={"epochs": 2}, **options)
-    resumed = fit_data(x, "realnvp", out=tmp_path / "b", resume=True, settings={"epochs": 4},
+    whole = fit_data(x, "realnvp", out=tmp_path / "a", epochs=4, **options)
+    fit_data(x, "realnvp", out=tmp_path / "b", epochs=2, **options)
+    resumed = fit_data(x, "realnvp", out=tmp_path / "b", resume=True, epochs=4,
                        **options)  # fmt: skip
     assert resumed.history == whole.history
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
@@ -174,7 +174,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     x = torch.randn(200, 2)
-    fit_data(x, "maf", num_layers=1, out=tmp_path, progress=False, settings={"epochs": 1})
+    fit_data(x, "maf", num_layers=1, out=tmp_path, progress=False, epochs=1)
     saved = (tmp_path / "checkpoint.pt").read_bytes()
     original = DensityModel.log_prob
 
@@ -184,20 +184,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(DensityModel, "log_prob", poisoned)
     result = fit_data(x, "maf", num_layers=1, out=tmp_path, resume=True, progress=False,
-                      settings={"epochs": 3})  # fmt: skip
+                      epochs=3)  # fmt: skip
     assert result.stopped == "non-finite loss nan at epoch 2, step 1"
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
 def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
     x = torch.randn(100, 2)
-    fit_data(x, "maf", num_layers=1, out=tmp_path, progress=False, settings={"epochs": 1})
+    fit_data(x, "maf", num_layers=1, out=tmp_path, progress=False, epochs=1)
     with pytest.raises(ValueError, match=r"different density model .*flow: 'maf' there"):
         fit_data(x, "realnvp", num_layers=1, out=tmp_path, resume=True, progress=False)
     model = DensityModel(2, "maf", 1)
     with pytest.raises(ValueError, match=r"different settings .*lr"):
         fit_data(x, "maf", num_layers=1, out=tmp_path, resume=True, progress=False,
-                 settings={"lr": 0.1})  # fmt: skip
+                 lr=0.1)  # fmt: skip
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "broken.pt", model)
@@ -217,7 +217,7 @@ def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
         (lambda: fit_data(torch.zeros(50, 2), context=torch.zeros(49, 1)), "context must be"),
         (lambda: fit_data(torch.zeros(50, 2), "spline"), "flow must be one of"),
         (lambda: fit_data(torch.zeros(50, 2), valid_fraction=1.5), "valid_fraction"),
-        (lambda: fit_data(torch.zeros(50, 2), settings={"epochs": 0}), "epochs must"),
+        (lambda: fit_data(torch.zeros(50, 2), epochs=0), "epochs must"),
         (lambda: fit_data(torch.full((50, 2), math.nan)), "NaN or infinite"),
         (lambda: fit_data(torch.zeros(50, 2), device="cuda:7"), "device"),
         (lambda: fit_data(torch.zeros(50, 2), resume=True), "resume: no checkpoint.pt"),
@@ -253,7 +253,7 @@ def test_fit_data_on_cuda(dequantize):
     x = torch.randint(0, 4, (200, 3)).float()
     result = fit_data(x, "maf", num_layers=2, dequantize=dequantize,
                       levels=4 if dequantize else None, device="cuda", progress=False,
-                      settings=QUICK)  # fmt: skip
+                      **QUICK)  # fmt: skip
     assert result.model.loc.is_cuda and result.model.sample(5).is_cuda
     assert math.isfinite(result.model.bits_per_dim(x.cuda()))
     assert pf.fit_data is fit_data

@@ -74,4 +74,6 @@ def test_spline_recipes_fit_the_funnel_better_than_its_base():
         r = pf.fit(target, recipe, num_layers=4, steps=300, particles=64, lr=1e-2,
                    num_eval=2000, progress=False, seed=0, hidden_dims=(32,))  # fmt: skip
         assert untrained.diagnostics.ess < 0.35 * 2000
-        assert r.diagnostics.ess > 0.7 * 2000, recipe  # measured: 1753 and 1714
+        # measured 1753 and 1714 on one CPU, 1391 for nsf-ar on another (rounding steers
+        # 300 steps of Adam apart)
+        assert r.diagnostics.ess > 0.6 * 2000, recipe

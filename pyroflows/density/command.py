@@ -64,7 +64,7 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             data.train, args.flow, valid=data.valid, num_layers=args.layers,
             dequantize=args.dequantize if discrete else None, levels=data.levels,
             device=device, out=args.out, resume=args.resume, progress=not args.no_progress,
-            settings=settings, **options,
+            **settings, **options,
         )  # fmt: skip
         seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError) as error:

@@ -33,7 +33,8 @@ Batches = Tensor | Iterable  # a tensor of rows, or batches (x or (x, context)) 
 
 @dataclass
 class Settings:
-    """What a fit depends on besides the model; ``resume`` refuses other settings."""
+    """What a fit depends on besides the model (:func:`fit_data`'s training arguments);
+    ``resume`` refuses other settings but for ``epochs`` and ``patience``."""
 
     epochs: int = 100
     batch_size: int = 256
@@ -74,7 +75,13 @@ def fit_data(
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    settings: dict[str, Any] | None = None,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    patience: int | None = 10,
+    seed: int = 0,
     **flow_options: Any,
 ) -> DensityFit:
     """Fit ``flow`` (a recipe name) to the rows of ``x`` by maximum likelihood.
@@ -89,14 +96,16 @@ def fit_data(
     ``dequantize="uniform"`` or ``"variational"`` with ``levels`` fits discrete data on
     ``{0, ..., levels - 1}`` (see :class:`~pyroflows.density.Dequantization`; ``alpha`` is
     its logit margin, ``dequantizer`` the options of its noise flow). ``standardize`` sets the
-    model's affine map from the training rows first. ``settings`` are :class:`Settings`
-    (``epochs``, ``batch_size``, ``lr``, ``optimizer``, ``weight_decay``, ``patience``,
-    ``seed``); ``flow_options`` go to the recipe. With ``out`` the checkpoints
+    model's affine map from the training rows first. Training: ``epochs`` of Adam
+    (``optimizer="adamw"`` with ``weight_decay``) at ``lr`` over shuffled batches of
+    ``batch_size``, stopped after ``patience`` epochs without a better validation loss
+    (``None``: never), from ``seed``; ``flow_options`` go to the recipe. With ``out`` the
+    checkpoints
     ``checkpoint.pt`` (every epoch) and ``best.pt`` are written there; ``resume=True``
     continues from ``checkpoint.pt``. A non-finite loss stops training before its update,
     with the epoch and step in ``stopped``, and writes no checkpoint.
     """
-    config = Settings(**(settings or {}))
+    config = Settings(epochs, batch_size, lr, optimizer, weight_decay, patience, seed)
     _check_settings(config)
     dev = _checks.device("device", device) if device is not None else torch.device("cpu")
     torch.manual_seed(config.seed)

@@ -292,8 +292,12 @@ def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int
     ``nn.Module`` parameters through :func:`torch.func.functional_call`) and the sample values
     replayed, and each density is taken during that run, so the result keeps the gradient
     through the samples (the path derivative) and drops the score term of every parameter,
-    a flow's included. Flows compute their inverse at the replayed values.
+    a flow's included. Flows compute their inverse at the replayed values. A guide with a
+    ``stopped_log_probs(guide_trace)`` method (:class:`~pyroflows.AutoFlow`) computes them
+    itself, without the re-run.
     """
+    if callable(getattr(guide, "stopped_log_probs", None)):
+        return guide.stopped_log_probs(guide_trace)
     run = guide
     if isinstance(guide, nn.Module):
         detached = {k: v.detach() for k, v in guide.named_parameters()}

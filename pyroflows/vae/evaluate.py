@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import _checks, plots
-from ..infer.evaluation import log_marginal_likelihood
+from .. import _checks, distributed, plots
 from .models import VAE
 
 
@@ -30,34 +29,27 @@ def evaluate(
     batch_size: int = 100,
     chunk_size: int = 500,
     progress: bool = False,
+    seed: int = 0,
 ) -> dict[str, float]:
     """On the images ``x``, from :func:`~pyroflows.infer.log_marginal_likelihood` with
     ``num_samples`` importance samples per image drawn ``chunk_size`` at a time,
     ``batch_size`` images at a time: ``neg_elbo``, -ELBO per image (the mean log weight),
-    and ``nll``, ``-log p(x)`` per image, with its standard error ``nll_stderr``."""
+    and ``nll``, ``-log p(x)`` per image, with its standard error ``nll_stderr``. The batches
+    draw from ``seed`` on and are shared out over the processes of ``torch.distributed``
+    when it runs (:func:`pyroflows.distributed.log_marginal_likelihood`): the figures are the
+    same for any number of processes."""
     x = vae.check_images(x)
     _checks.positive_int("num_samples", num_samples)
-    _checks.positive_int("batch_size", batch_size)
     vae.eval()
-    log_px, variance, elbo = [], 0.0, 0.0
-    starts = range(0, len(x), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="log p(x)", unit="batch")
-    for i in starts:
-        batch = x[i : i + batch_size]
-        r = log_marginal_likelihood(vae.model, vae.guide, batch, num_samples=num_samples,
-                                    chunk_size=chunk_size, max_plate_nesting=1)  # fmt: skip
-        log_px.append(r.log_px)
-        if num_samples > 1:
-            variance += (r.stderr**2).sum().item()
-        elbo -= r.elbo.sum().item()
+    r = distributed.log_marginal_likelihood(
+        vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size,
+        batch_size=batch_size, seed=seed, progress=progress,
+    )  # fmt: skip
     n = len(x)
     return {
-        "neg_elbo": elbo / n,
-        "nll": -torch.cat(log_px).mean().item(),
-        "nll_stderr": math.sqrt(variance) / n if num_samples > 1 else math.nan,
+        "neg_elbo": -r.elbo.sum().item() / n,
+        "nll": -r.log_px.mean().item(),
+        "nll_stderr": r.stderr.square().sum().sqrt().item() / n if num_samples > 1 else math.nan,
         "num_samples": num_samples,
         "images": n,
     }
