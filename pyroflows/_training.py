@@ -95,3 +95,50 @@ def progress(enabled: bool, epochs: int, start: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=epochs, initial=start, desc="epochs", unit="epoch")
+
+
+CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
+
+
+def resume_from(out: Path | None) -> Path:
+    """The checkpoint ``resume=True`` continues from, or a clear error where there is none."""
+    if out is None or not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"resume: no {CHECKPOINT} in out={str(out)!r}")
+    return out / CHECKPOINT
+
+
+def after_epoch(
+    improved: bool, module: nn.Module, out: Path | None, save, bar, **postfix: str
+) -> dict[str, Tensor] | None:  # fmt: skip
+    """The end of an epoch: with ``out``, ``save(path)`` writes ``best.pt`` when the epoch
+    ``improved`` and ``checkpoint.pt`` always; the bar shows ``postfix``. Returns a copy of
+    the module's state when it improved (``None`` otherwise)."""
+    best = copy_state(module) if improved else None
+    if out is not None:
+        if improved:
+            save(out / BEST)
+        save(out / CHECKPOINT)
+    if bar is not None:
+        bar.set_postfix(**postfix, refresh=False)
+        bar.update()
+    return best
+
+
+def restore_best(module: nn.Module, best: dict[str, Tensor] | None, out: Path | None, load,
+                 trained: bool) -> None:  # fmt: skip
+    """Leave ``module`` at its best parameters: those of this call, or, when this call found
+    none better (a resumed run), ``load(out / "best.pt")``."""
+    if best is not None:
+        module.load_state_dict(best)
+    elif trained and out is not None and (out / BEST).exists():
+        load(out / BEST)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The device and versions a command's results record."""
+    import platform
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())  # fmt: skip
+    return {"device": str(device), "device_name": name,
+            "versions": {"torch": torch.__version__, "python": platform.python_version()}}

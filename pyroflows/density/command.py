@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from .. import _checks
+from .. import _checks, _training
 from ..flows import RECIPES
 from .data import load
 from .dequantization import KINDS
@@ -87,10 +86,7 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "data": data.name, "dim": model.dim, "levels": data.levels, "model": model.config,
         "settings": settings, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
         "stopped": result.stopped, "train_seconds": seconds, "test": figures,
-        "history": result.history, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "history": result.history, **_training.environment(device),
     }  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [

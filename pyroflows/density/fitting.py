@@ -27,7 +27,6 @@ from .. import _checks, _training
 from .model import LOG_2, DensityModel
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 Batches = Tensor | Iterable  # a tensor of rows, or batches (x or (x, context)) such as a DataLoader
 
 
@@ -198,9 +197,7 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
-        if out is None or not (out / CHECKPOINT).exists():
-            raise FileNotFoundError(f"resume: no {CHECKPOINT} in out={str(out)!r}")
-        result = load_checkpoint(out / CHECKPOINT, model, config, optimizer)
+        result = load_checkpoint(_training.resume_from(out), model, config, optimizer)
         start = len(result.history)
     best_state = None
     bar = _training.progress(progress, config.epochs, start)
@@ -235,21 +232,17 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
                 record[key.replace("nll", "bits_per_dim")] = record[key] / (model.dim * LOG_2)
         result.history.append(record)
         score = record.get("valid_nll", record["train_nll"])
-        if score <= min(h.get("valid_nll", h["train_nll"]) for h in result.history):
-            result.best_epoch, best_state = epoch + 1, _training.copy_state(model)
-            if out is not None:
-                save_checkpoint(out / BEST, model, config, optimizer, result)
-        if out is not None:
-            save_checkpoint(out / CHECKPOINT, model, config, optimizer, result)
-        if bar is not None:
-            bar.set_postfix(nll=f"{score:.3f}", refresh=False)
-            bar.update()
+        improved = _training.after_epoch(
+            score <= min(h.get("valid_nll", h["train_nll"]) for h in result.history), model,
+            out, lambda path: save_checkpoint(path, model, config, optimizer, result), bar,
+            nll=f"{score:.3f}",
+        )  # fmt: skip
+        if improved is not None:
+            result.best_epoch, best_state = epoch + 1, improved
     if bar is not None:
         bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    elif result.history and out is not None and (out / BEST).exists():
-        load_checkpoint(out / BEST, model)
+    _training.restore_best(model, best_state, out, lambda path: load_checkpoint(path, model),
+                           bool(result.history))  # fmt: skip
     model.eval()
     return result
 

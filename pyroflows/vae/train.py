@@ -25,7 +25,7 @@ from .data import BinaryImages, check_binary
 from .models import VAE
 
 OPTIMIZERS = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam}
-CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
+CHECKPOINT, BEST = _training.CHECKPOINT, _training.BEST
 
 
 @dataclass
@@ -84,9 +84,7 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
-        if out is None or not (out / CHECKPOINT).exists():
-            raise FileNotFoundError(f"resume: no {CHECKPOINT} in out={str(out)!r}")
-        run = load_checkpoint(out / CHECKPOINT, vae, config, optimizer)
+        run = load_checkpoint(_training.resume_from(out), vae, config, optimizer)
         start = len(run.history)
     else:
         torch.manual_seed(config.seed)
@@ -122,21 +120,18 @@ def train(
         valid = validation_loss(vae, data.valid, config.batch_size)
         run.history.append({"epoch": epoch + 1, "train_loss": total / len(images),
                             "valid_loss": valid, "kl_weight": beta})  # fmt: skip
-        if valid <= run.best_valid:
-            run.best_epoch, best_state = epoch + 1, _training.copy_state(vae)
-            if out is not None:
-                save_checkpoint(out / BEST, vae, config, optimizer, run)
-        if out is not None:
-            save_checkpoint(out / CHECKPOINT, vae, config, optimizer, run)
-        if bar is not None:
-            bar.set_postfix(valid=f"{valid:.2f}", refresh=False)
-            bar.update()
+        improved = _training.after_epoch(
+            valid <= run.best_valid, vae, out,
+            lambda path: save_checkpoint(path, vae, config, optimizer, run), bar,
+            valid=f"{valid:.2f}",
+        )  # fmt: skip
+        if improved is not None:
+            run.best_epoch, best_state = epoch + 1, improved
     if bar is not None:
         bar.close()
-    if best_state is not None:
-        vae.load_state_dict(best_state)
-    elif run.history and out is not None and (out / BEST).exists():  # best before resuming
-        load_checkpoint(out / BEST, vae)
+    # the best before resuming, where this call found none better
+    _training.restore_best(vae, best_state, out, lambda path: load_checkpoint(path, vae),
+                           bool(run.history))  # fmt: skip
     return run
 
 
