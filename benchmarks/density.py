@@ -125,7 +125,7 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
     rows = {}
     batch = data.train[: args.batch]
-    print(f"{'contender':18}{'s/epoch':>9}  {'vs zuko MAF [spread]':22}{'peak MiB':>9}"
+    print(f"{'contender':24}{'s/epoch':>9}  {'vs zuko MAF [spread]':22}{'peak MiB':>9}"
           f"{'valid b/d':>11}{'test b/d':>10}")  # fmt: skip
     for name, model in contenders.items():
         with torch.no_grad():
@@ -141,7 +141,7 @@ def main() -> None:
             "test_bits_per_dim": test_bits(model, data.test),
         }
         rows[name] = row
-        print(f"{name:18}{row['seconds_per_epoch']:9.2f}  "
+        print(f"{name:24}{row['seconds_per_epoch']:9.2f}  "
               f"{common.ratio_text(row['ratio_to_zuko_maf']):22}{row['peak_mib']:9.1f}"
               f"{row['valid_bits_per_dim']:11.3f}{row['test_bits_per_dim']:10.3f}")  # fmt: skip
     print(f"uniform over 17 levels: {math.log2(17):.3f} bits/dim")
