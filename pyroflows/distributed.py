@@ -1,5 +1,10 @@
-"""Evaluation sharded over the processes of :mod:`torch.distributed` (launched by
-``torchrun``), with results that do not depend on how many processes there are.
+"""Work sharded over the processes of :mod:`torch.distributed` (launched by ``torchrun``),
+with results that do not depend on how many processes there are.
+
+:func:`pyroflows.fit` of a log density splits each step's particles over the ranks: every
+rank draws the same base noise (the same seed), pushes its share through the flow, evaluates
+the target there (the expensive part), and the gradients are summed over the ranks, so each
+step is the one-process step (to rounding; tested with two gloo processes).
 
 ``log_marginal_likelihood`` splits the data into batches, draws batch ``b``'s importance
 samples from the seed ``seed + b``, deals the batches round-robin to the ranks and gathers
@@ -88,6 +93,22 @@ def log_marginal_likelihood(
     parts = _gathered(mine, world)
     fields = zip(*(parts[start] for start in sorted(parts)), strict=True)
     return LogMarginal(*(torch.cat(f).to(x.device) for f in fields))
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> None:
+    """Sum each tensor over the ranks, in place (nothing without a process group)."""
+    if rank_and_world()[1] > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (``flag`` itself without a process group)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _gathered(mine: dict[int, Any], world: int) -> dict[int, Any]:

@@ -27,7 +27,7 @@ from pyro.infer.autoguide.initialization import InitMessenger
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from . import _checks, diagnostics
+from . import _checks, diagnostics, distributed
 from .autoguide import init_to_median_or_feasible
 from .fit_model import fit_model, optimize
 from .flows import RECIPES, build
@@ -162,7 +162,9 @@ def fit(
     steps, fitting ``p^β N(0, I)^(1-β)``: tempering from the flow's base to the target (log
     densities only);
     ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
-    to :func:`pyroflows.build`. See the module docstring for non-finite values.
+    to :func:`pyroflows.build`. See the module docstring for non-finite values. Run under
+    ``torchrun``, a log density's particles are shared out over the processes
+    (:mod:`pyroflows.distributed`).
 
     >>> r = fit("banana", "realnvp", num_layers=2, steps=50, num_eval=500, progress=False)
     >>> r.q.sample((3,)).shape, len(r.losses)
@@ -213,8 +215,13 @@ def fit(
     density = _Density(dist.Normal(torch.zeros(dim, device=device), 1.0).to_event(1), transform)
     q = density.distribution()
 
+    rank, world = distributed.rank_and_world()
+
     def loss_at(step: int) -> tuple[Tensor, str | None]:
-        x = q.rsample((particles,))
+        if world == 1:
+            x = q.rsample((particles,))
+        else:  # the same base draws on every rank, each rank its share of them
+            x = transform(density.base.rsample((particles,))[rank::world])
         if estimator == "stl":
             stopped_params = {k: v.detach() for k, v in density.named_parameters()}
             log_q = torch.func.functional_call(density, stopped_params, (x,))
@@ -225,9 +232,11 @@ def fit(
         beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         if beta < 1.0:  # the target p^β base^(1-β): from the flow's base to p
             target_values = beta * target_values + (1 - beta) * density.base.log_prob(x)
-        return (log_q - target_values).mean(), problem
+        if world == 1:
+            return (log_q - target_values).mean(), problem
+        return (log_q - target_values).sum() / particles, problem  # summed over ranks
 
-    losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar)
+    losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar, sharded=True)
     with torch.no_grad():
         x = q.sample((num_eval,))
         log_q, values = q.log_prob(x), log_p(x)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import diagnostics
+from . import diagnostics, distributed
 from .autoguide import AutoFlow
 from .infer import ELBO, IWAE
 from .infer import weights as w
@@ -72,28 +72,42 @@ def optimize(
     make_optimizer: Callable,
     steps: int,
     progress: Callable,
+    *,
+    sharded: bool = False,
 ) -> tuple[list[float], str | None]:
     """``steps`` updates of ``module``'s parameters on ``loss_at(step)``, which returns the
     loss and any reason to stop first; a non-finite loss or gradient stops the loop before
     its update too. Returns the losses and why it stopped (None if it did not), after a
-    warning."""
+    warning. ``sharded``: each rank of ``torch.distributed`` returns its share of the loss,
+    and losses and gradients are summed over the ranks (every rank stops together)."""
     opt, scheduler = make_optimizer(module.parameters())
     losses: list[float] = []
     bar = progress(steps)
     for step in bar:
         loss, problem = loss_at(step)
         opt.zero_grad()
-        if problem is None and not torch.isfinite(loss):
-            problem = f"the loss is {loss.item()} at step {step}"
+        if sharded:
+            total = loss.detach().clone()
+            distributed.all_reduce_sum([total])
+            if distributed.any_rank(problem is not None, loss.device) and problem is None:
+                problem = f"another process stopped at step {step}"
+            loss_value = total
+        else:
+            loss_value = loss
+        if problem is None and not torch.isfinite(loss_value):
+            problem = f"the loss is {loss_value.item()} at step {step}"
         if problem is None:
             loss.backward()
+            if sharded:
+                grads = [p.grad for p in module.parameters() if p.grad is not None]
+                distributed.all_reduce_sum(grads)
             problem = _nonfinite_gradient(step, module)
         if problem is not None:
             warnings.warn(f"fit stopped: {problem}", RuntimeWarning, stacklevel=4)
             return losses, problem
         opt.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(loss_value.item())
         if step % 25 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses, None
