@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from pyro.distributions import ComposeTransformModule
 from pyro.distributions.conditional import ConditionalComposeTransformModule
+from torch import Tensor
+from torch.distributions import Transform
 
 from . import _checks
 from .transforms import (
@@ -108,6 +110,12 @@ RECIPES: dict[str, Layers] = {
     "nsf-ar": _autoregressive("iaf", "spline"),
     "nsf-coupling": _coupling("spline"),
 }
+
+
+def conditioned(layers: list[Flow], context: Tensor | None) -> list[Transform]:
+    """The layers of a built recipe given ``context``: each amortized layer conditioned on it,
+    the unconditional ones (``glow``'s ActNorm and LU layers, ``nice``'s scaling) as they are."""
+    return [t.condition(context) if t.context_dim else t for t in layers]
 
 
 def build(

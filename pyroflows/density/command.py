@@ -14,6 +14,7 @@ from ..flows import RECIPES
 from .data import load
 from .dequantization import KINDS
 from .fitting import Settings, fit_data
+from .model import LOG_2
 
 
 def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
@@ -78,7 +79,7 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         figures = {"rows": len(test), "log_likelihood": log_p.mean().item(),
                    "log_likelihood_stderr": (log_p.std() / len(log_p) ** 0.5).item()}  # fmt: skip
         if discrete:
-            figures["bits_per_dim"] = -figures["log_likelihood"] / (model.dim * 0.6931471805599453)
+            figures["bits_per_dim"] = -figures["log_likelihood"] / (model.dim * LOG_2)
             figures["eval_samples"] = args.eval_samples
     plots.plot_density_training(result.history, args.out / "training.png")
     plots.plot_density_samples(model, data, args.out / "samples.png")

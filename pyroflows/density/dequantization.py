@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from ..flows import build
+from ..autoguide import HALF_LOG_2PI
+from ..flows import build, conditioned
 
 KINDS = ("uniform", "variational")
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def check_levels(x: Tensor, levels: int, name: str = "x") -> Tensor:
@@ -94,10 +94,6 @@ class Dequantization(nn.Module):
             stack = build(flow, dim, num_layers, context_dim=dim, **flow_options)
             self.noise = nn.ModuleList(stack.transforms)
 
-    @property
-    def config(self) -> dict[str, Any]:
-        return {"levels": self.levels, "kind": self.kind, "alpha": self.alpha}
-
     def _noise(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``u`` in ``(0, 1)^D`` and ``log q(u | x)`` per row."""
         if self.noise is None:
@@ -105,9 +101,8 @@ class Dequantization(nn.Module):
         context = 2 * x / (self.levels - 1) - 1
         eps = torch.randn_like(x)
         s, log_q = eps, -(0.5 * eps.square()).sum(-1) - HALF_LOG_2PI * self.dim
-        for layer in self.noise:
-            step = layer.condition(context) if layer.context_dim else layer
-            s, ladj = step.call_and_ladj(s)
+        for layer in conditioned(self.noise, context):
+            s, ladj = layer.call_and_ladj(s)
             log_q = log_q - ladj
         # u = sigmoid(s): log q(u) = log q(s) - log sigmoid'(s)
         log_q = log_q - (F.logsigmoid(s) + F.logsigmoid(-s)).sum(-1)

@@ -98,8 +98,8 @@ def fit_data(
     model's affine map from the training rows first. Training: ``epochs`` of Adam
     (``optimizer="adamw"`` with ``weight_decay``) at ``lr`` over shuffled batches of
     ``batch_size``, stopped after ``patience`` epochs without a better validation loss
-    (``None``: never), from ``seed``; ``flow_options`` go to the recipe. With ``out`` the
-    checkpoints
+    (``None``: never), from ``seed``; ``flow_options`` go to the recipe. Standardization uses
+    the training tensor, or a loader's first batch. With ``out`` the checkpoints
     ``checkpoint.pt`` (every epoch) and ``best.pt`` are written there; ``resume=True``
     continues from ``checkpoint.pt``. A non-finite loss stops training before its update,
     with the epoch and step in ``stopped``, and writes no checkpoint.
@@ -116,13 +116,23 @@ def fit_data(
         dequantize=dequantize, levels=levels, alpha=alpha, dequantizer=dequantizer,
         **flow_options,
     ).to(dev)  # fmt: skip
+    if isinstance(train, Tensor):  # checked and moved once; batches are checked as they come
+        train, context = _on_device(model, train, context, "x")
+        first = train
+    else:
+        first, _ = _on_device(model, first, first_context, "x")
+    if isinstance(valid, Tensor):
+        valid, valid_context = _on_device(model, valid, valid_context, "valid")
     if standardize:
-        model.standardize(model.check(first.to(dev), _to(first_context, dev)))
+        model.standardize(first)
     return _train(model, train, context, valid, valid_context, config, out, resume, progress)
 
 
-def _to(tensor: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if tensor is None else tensor.to(device)
+def _on_device(model: DensityModel, x: Tensor, context: Tensor | None, name: str):
+    """``x`` checked against the model (:meth:`DensityModel.check`) and its context, both on
+    the model's device and dtype."""
+    x = model.check(x, context, name).to(model.loc.device)
+    return x, None if context is None else context.to(x.device, x.dtype)
 
 
 def _flat(x: Tensor, name: str) -> Tensor:
@@ -182,13 +192,6 @@ def _batches(model: DensityModel, data: Batches, context: Tensor | None, size: i
 
 
 def _train(model, train, context, valid, valid_context, config, out, resume, progress):
-    device = model.loc.device
-    if isinstance(train, Tensor):
-        train = model.check(train, context).to(device)
-        context = None if context is None else context.to(device, train.dtype)
-    if isinstance(valid, Tensor):
-        valid = model.check(valid, valid_context, "valid").to(device)
-        valid_context = None if valid_context is None else valid_context.to(device, valid.dtype)
     optimizer = OPTIMIZERS[config.optimizer](
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )

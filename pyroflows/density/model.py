@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..flows import RECIPES, build
+from ..flows import RECIPES, build, conditioned
 from .dequantization import Dequantization, check_levels
 
 LOG_2 = math.log(2.0)
@@ -107,9 +107,8 @@ class DensityModel(nn.Module):
         base = dist.Normal(self.loc.new_zeros(self.dim), 1.0).to_event(1)
         if context is not None:  # one row of the batch per row of the context
             base = base.expand(context.shape[:-1])
-        layers = [t.condition(context) if t.context_dim else t for t in self.layers]
         affine = dist.transforms.AffineTransform(self.loc, self.scale, event_dim=1)
-        return dist.TransformedDistribution(base, [*layers, affine])
+        return dist.TransformedDistribution(base, [*conditioned(self.layers, context), affine])
 
     @torch.no_grad()
     def standardize(self, x: Tensor) -> None:

@@ -12,6 +12,7 @@ adjoint of Zhuang et al., 2020), with one state kept per step.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ class _Checkpointed(torch.autograd.Function):
         tableau = _tableau(ctx.kwargs["method"]) if ctx.adaptive else None
         for i in reversed(range(len(ctx.steps))):
             t0, y0, dt = ctx.steps[i]
-            # the last step may pass the end; the solution there is its interpolant
+            # the last step ends on the end time (adaptive solves step to it: ``step_t``)
             end = ctx.grid[-1].to(t0) if i == len(ctx.steps) - 1 else t0 + sign * dt
             if tableau is None:
                 adjoint = _replayed_step(ctx, y0, t0, end, dt, adjoint, inputs, totals)
@@ -84,6 +85,7 @@ class _Checkpointed(torch.autograd.Function):
         return (None, None, None, None, None, *adjoint, *totals)
 
 
+@functools.cache
 def _tableau(method: str) -> tuple[list[float], list[list[float]], list[float]]:
     """The Butcher tableau ``(nodes, rows, weights)`` of one of torchdiffeq's adaptive methods,
     without a last stage of weight zero (the first-same-as-last evaluation)."""
@@ -118,7 +120,7 @@ def _adjoint_step(func, tableau, state, start, end, adjoint, inputs, totals):
     def combine(start: tuple[Tensor, ...], coefficients: list[float], part: int):
         """``start + h Σ_j c_j k_j`` over the stages so far, ``k`` the state's or the
         adjoint's derivatives (``part`` 0 or 1)."""
-        terms = list(zip(coefficients, stages, strict=False))
+        terms = list(zip(coefficients, stages, strict=True))
         return tuple(v + h * sum(c * s[part][j] for c, s in terms) for j, v in enumerate(start))
 
     for node, row in zip(nodes, rows, strict=True):
