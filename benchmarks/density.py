@@ -1,7 +1,7 @@
 """Density estimation on the 8x8 digits: bits per dimension and training time per epoch of
 pyroflows' recipes against zuko's MAF and NSF, on the same budget, in one run.
 
-    python benchmarks/density.py [--device cuda] [--epochs 10] [--flows maf realnvp glow cnf]
+    python benchmarks/density.py [--device cuda] [--epochs 10] [--flows maf realnvp ...]
 
 scikit-learn's 1797 digits on their 17 grey levels (the fixed 1397 / 200 / 200 split), every
 contender on the same preprocessing: uniform dequantization, RealNVP's logit with alpha 0.05
@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--flows", nargs="+", default=["maf", "realnvp", "glow", "cnf"])
+    flows = ["maf", "realnvp", "glow", "nsf-coupling", "cnf"]
+    parser.add_argument("--flows", nargs="+", default=flows)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
