@@ -29,7 +29,7 @@ def log_evidence(x):
     return dist.MultivariateNormal(torch.zeros(n), cov).log_prob(x.T).sum().item()
 
 
-def main(steps=1000):
+def main(steps=500):
     pyro.set_rng_seed(0)
     x = torch.randn(2) + NOISE * torch.randn(20, 2)
     guide = pf.AutoFlow(model, flow="iaf", num_layers=2, hidden_dims=(16,))

@@ -82,8 +82,12 @@ def correlated_evidence(x):
     return dist.MultivariateNormal(torch.zeros(3), cov).log_prob(x).item()
 
 
+# measured gaps at 500 steps: 0.001-0.003 for the MLP-conditioned recipes, 0.008 for the CNF
+# (fixed steps: the adaptive solver is tested elsewhere); the rest need 1000
 SETTINGS = {  # recipe: (steps, options)
-    "cnf": (500, {"hidden_dims": (8,), "rtol": 1e-3, "atol": 1e-3, "num_layers": 1}),
+    "cnf": (500, {"hidden_dims": (8,), "num_layers": 1, "method": "rk4", "num_steps": 3}),
+    **{name: (1000, {}) for name in ("planar", "radial", *(f"sylvester-{k}" for k in "oht"))},
+    **{name: (1000, {"hidden_dims": (16,)}) for name in ("nsf-ar", "nsf-coupling")},
 }
 # tanh-based layers reach a linear shear only approximately with two layers, and radial
 # layers (spherically symmetric about a centre) hardly at all: measured gaps 0.02-0.05 and 0.6
@@ -104,9 +108,7 @@ def fit_with_schedule(guide, model, x, steps, objective):
 def test_autoflow_elbo_reaches_the_evidence_of_a_correlated_posterior(name):
     torch.manual_seed(1)
     x = MIXING @ torch.tensor([0.5, -0.3]) + 0.5 * torch.randn(3)
-    steps, options = SETTINGS.get(name, (1000, {"hidden_dims": (16,)}))
-    if name in ("planar", "radial", "sylvester-o", "sylvester-h", "sylvester-t"):
-        options = {}
+    steps, options = SETTINGS.get(name, (500, {"hidden_dims": (16,)}))
     guide = AutoFlow(correlated_model, flow=name, **options)
     elbo = fit_with_schedule(guide, correlated_model, x, steps, ELBO(16, estimator="stl"))
     exact = correlated_evidence(x)

@@ -103,7 +103,7 @@ def test_inverse_gradients_match_finite_differences(case: Case):
         x = t.inv(y)
         return x, t.inv.log_abs_det_jacobian(y, x)
 
-    assert torch.autograd.gradcheck(inverse, (y,))
+    assert torch.autograd.gradcheck(inverse, (y,), fast_mode=True)  # a random projection of J
 
     # directional derivative along a random direction in parameter space
     params = list(flow.parameters())
