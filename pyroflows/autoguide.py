@@ -298,12 +298,21 @@ class AmortizedFlowGuide(nn.Module):
         # whose reference cycles keep each call's tensors until the garbage collector runs
         return dist.TransformedDistribution(base, [t.condition(h) for t in self.flow.transforms])
 
-    def rsample_and_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(
+        self, x: Tensor, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """One reparameterized draw ``z ~ q(z | x)`` per row of ``x`` and its ``log q(z |
         x)``, computed together in one pass without building distributions: the same
-        values as ``posterior(x).rsample()`` and its ``log_prob``, for hand-written losses."""
+        values as ``posterior(x).rsample()`` and its ``log_prob``, for hand-written losses.
+        ``noise`` gives the base's standard normal draws (``(*batch, latent_dim)``) instead
+        of fresh ones."""
         h, loc, scale = self._encode(x)
-        eps = torch.randn_like(loc)
+        if noise is None:
+            eps = torch.randn_like(loc)
+        elif noise.shape != loc.shape:
+            raise ValueError(f"noise must have shape {tuple(loc.shape)}, got {tuple(noise.shape)}")
+        else:
+            eps = noise
         z = loc + scale * eps
         log_q = -(0.5 * eps.square() + scale.log()).sum(-1) - HALF_LOG_2PI * self.latent_dim
         for layer in () if self.flow is None else self.flow.transforms:

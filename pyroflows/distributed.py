@@ -1,10 +1,13 @@
 """Work sharded over the processes of :mod:`torch.distributed` (launched by ``torchrun``),
 with results that do not depend on how many processes there are.
 
-:func:`pyroflows.fit` of a log density splits each step's particles over the ranks: every
-rank draws the same base noise (the same seed), pushes its share through the flow, evaluates
-the target there (the expensive part), and the gradients are summed over the ranks, so each
-step is the one-process step (to rounding; tested with two gloo processes).
+:func:`pyroflows.vae.train` trains data-parallel (each batch and its noise dealt out over the
+ranks, ``DistributedDataParallel``; see its module). :func:`pyroflows.fit` of a log density
+splits each step's particles over the ranks: every rank draws the same base noise (the same
+seed), pushes its share through the flow, evaluates the target there (the expensive part),
+and the gradients are summed over the ranks, so each step is the one-process step (to
+rounding; tested with two gloo processes). A Pyro model's particles are drawn afresh on each
+rank instead. :func:`from_environment` joins the group that ``torchrun`` describes.
 
 ``log_marginal_likelihood`` splits the data into batches, draws batch ``b``'s importance
 samples from the seed ``seed + b``, deals the batches round-robin to the ranks and gathers
@@ -24,6 +27,7 @@ two gloo processes). Without an initialised process group it runs in this proces
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +39,60 @@ from torch import Tensor
 from . import _checks
 from .infer.evaluation import LogMarginal
 from .infer.evaluation import log_marginal_likelihood as _log_marginal_likelihood
+
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+
+
+@contextmanager
+def from_environment(device: torch.device) -> Iterator[torch.device]:
+    """Join, for the ``with`` block, the process group that ``torchrun`` describes in the
+    environment (``WORLD_SIZE`` above 1), with the backend that suits ``device``: NCCL for
+    CUDA, gloo for the CPU. Yields this process's device: ``cuda:LOCAL_RANK`` for CUDA,
+    ``device`` otherwise. Without ``WORLD_SIZE`` (one process), or with a group already
+    initialised, nothing is joined.
+
+    >>> with from_environment(torch.device("cpu")) as device:  # one process
+    ...     device
+    device(type='cpu')
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        yield device
+        return
+    if device.type not in BACKENDS:
+        raise ValueError(f"device must be cpu or cuda to run on {world} processes, got {device}")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} is set but not {', '.join(missing)}: launch with torchrun "
+            "(or set the rendezvous variables yourself)"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group(BACKENDS[device.type])
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def check_devices(device: torch.device) -> None:
+    """A clear error where the ranks hold their modules on different kinds of device, or
+    where the backend cannot carry this device's tensors (NCCL needs CUDA)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return
+    kinds: list[str | None] = [None] * world
+    dist.all_gather_object(kinds, device.type)
+    if len(set(kinds)) > 1:
+        where = ", ".join(f"{kind} on rank {r}" for r, kind in enumerate(kinds))
+        raise ValueError(f"every process must use the same kind of device, got {where}")
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        raise ValueError(
+            f"the process group's backend is nccl, which needs CUDA tensors, but the device "
+            f"is {device}: use device='cuda' or init_process_group('gloo')"
+        )
 
 
 def rank_and_world() -> tuple[int, int]:

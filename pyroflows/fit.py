@@ -163,8 +163,8 @@ def fit(
     densities only);
     ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
     to :func:`pyroflows.build`. See the module docstring for non-finite values. Run under
-    ``torchrun``, a log density's particles are shared out over the processes
-    (:mod:`pyroflows.distributed`).
+    ``torchrun``, the particles are shared out over the processes (a Pyro model's drawn
+    afresh on each; :mod:`pyroflows.distributed`).
 
     >>> r = fit("banana", "realnvp", num_layers=2, steps=50, num_eval=500, progress=False)
     >>> r.q.sample((3,)).shape, len(r.losses)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,12 +45,25 @@ def fit_model(
             f"device is {device} but the model's tensors are on {guide.loc.device}: create "
             "them on the device you ask for"
         )
-    objective = IWAE(particles, "dreg") if estimator == "dreg" else ELBO(particles, estimator)
+    rank, world = distributed.rank_and_world()
+    share = len(range(rank, particles, world))  # this rank's particles
+    if world > 1 and estimator == "dreg":
+        raise ValueError(
+            "estimator 'dreg' (an IWAE bound over all the particles together) does not split "
+            f"over {world} processes; use 'standard' or 'stl'"
+        )
+    if particles < world:  # alike on every rank
+        raise ValueError(f"particles must be at least the number of processes ({world}), "
+                         f"got {particles}")  # fmt: skip
+    objective = IWAE(particles, "dreg") if estimator == "dreg" else ELBO(share, estimator)
 
     def loss_at(step: int) -> tuple[Tensor, str | None]:
-        return objective.differentiable_loss(model, guide, *args, **kwargs), None
+        loss = objective.differentiable_loss(model, guide, *args, **kwargs)
+        return loss * (share / particles), None  # summed over the ranks: the mean over all
 
-    losses, stopped = optimize(loss_at, guide, make_optimizer, steps, progress)
+    with _own_draws(rank, world, device):
+        losses, stopped = optimize(loss_at, guide, make_optimizer, steps, progress,
+                                   sharded=world > 1)  # fmt: skip
     samples, log_w, _ = w.weighted_draws(model, guide, args, kwargs, num_eval)
     zeros = torch.zeros_like(log_w)
     return {
@@ -64,6 +78,19 @@ def fit_model(
 
 
 _FITS = itertools.count()
+
+
+@contextmanager
+def _own_draws(rank: int, world: int, device: torch.device) -> Iterator[None]:
+    """With several processes, each rank draws its own particles (the guide's draws cannot
+    be shared out after Pyro has made them), from a stream forked off the common seed; the
+    common stream continues afterwards, so every rank evaluates the fit alike."""
+    if world == 1:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(torch.randint(2**62, ()).item() + rank)
+        yield
 
 
 def optimize(

@@ -59,6 +59,18 @@ def test_amortized_guide_refuses_an_unbatched_x_and_a_wrong_plate():
         guide(torch.randn(3, 2))
 
 
+def test_given_noise_gives_the_draw_of_the_same_noise():
+    guide, x = _amortized(), torch.randn(3, 2)
+    torch.manual_seed(0)
+    drawn = guide.rsample_and_log_prob(x)
+    torch.manual_seed(0)
+    given = guide.rsample_and_log_prob(x, torch.randn(3, 2))
+    for a, b in zip(drawn, given, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"noise must have shape \(3, 2\), got \(3, 1\)"):
+        guide.rsample_and_log_prob(x, torch.randn(3, 1))
+
+
 @pytest.mark.parametrize("name", ["nice", "realnvp", "glow"])
 def test_coupling_recipes_fit_a_scalar_latent(name):
     def model(x):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from .. import _checks, _training, plots
+from .. import _checks, _training, distributed, plots
 from .data import load
 from .evaluate import evaluate, save_figures
 from .models import ARCHITECTURES, POSTERIORS, VAE
@@ -56,13 +57,24 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
 
 
 def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Under ``torchrun`` every process trains its share and evaluates its batches; rank 0
+    writes the results."""
+    with ExitStack() as stack:
+        try:
+            device = _checks.device("device", args.device)
+            device = stack.enter_context(distributed.from_environment(device))
+        except (ValueError, RuntimeError) as error:
+            cli.error(str(error))
+        return _run(cli, args, device)
+
+
+def _run(cli: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> int:
     settings = {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "warmup_epochs": args.warmup_epochs,
         "free_bits": args.free_bits, "patience": args.patience, "seed": args.seed,
     }  # fmt: skip
     try:
-        device = _checks.device("device", args.device)
         data = load(args.data, binarize=args.binarize, seed=args.seed).to(device)
         torch.manual_seed(args.seed)
         vae = VAE(data.image_shape, args.latent_dim, args.flow, args.layers,
@@ -74,15 +86,19 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError) as error:
         cli.error(str(error))
+    code = 1 if result.stopped and result.stopped.startswith("non-finite") else 0
     test = data.test[: args.eval_images]
     figures = evaluate(vae, test, num_samples=args.eval_samples, progress=not args.no_progress)
+    rank, world = distributed.rank_and_world()
+    if rank != 0:
+        return code
     save_figures(vae, test, args.out)
     plots.plot_training(result.history, args.out / "training.png")
     report = {
         "data": data.name, "image_shape": list(data.image_shape), "vae": vae.config,
         "settings": settings, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
         "stopped": result.stopped, "train_seconds": seconds, "test": figures,
-        "history": result.history, **_training.environment(device),
+        "history": result.history, "processes": world, **_training.environment(device),
     }  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [
@@ -98,4 +114,4 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     rows.append(("written", str(args.out)))
     for name, value in rows:
         print(f"{name:12} {value}")
-    return 1 if result.stopped and result.stopped.startswith("non-finite") else 0
+    return code

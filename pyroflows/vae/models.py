@@ -110,20 +110,24 @@ class VAE(nn.Module):
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
         return torch.sigmoid(logits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.loss(x)
-
-    def loss(self, x: Tensor, kl_weight: float = 1.0, free_bits: float = 0.0) -> Tensor:
-        """``-(E_q[log p(x | z)] - kl_weight * KL)`` summed over the batch, one draw of
-        ``z`` per image; with ``free_bits`` λ the KL is ``max(λ, mean KL) * batch``."""
-        z, log_q = self.guide.rsample_and_log_prob(x)
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per image, at one draw ``z ~ q(z | x)`` (from the standard normal ``noise`` of
+        shape ``(batch, latent_dim)`` where given): ``log p(x | z)`` and ``log q(z | x) -
+        log p(z)``, the single-draw estimate of its KL."""
+        z, log_q = self.guide.rsample_and_log_prob(x, noise)
         log_prior = -0.5 * z.square().sum(-1) - HALF_LOG_2PI * self.latent_dim
         likelihood = -F.binary_cross_entropy_with_logits(
             self.decoder(z), x, reduction="none"
         ).sum(-1)  # fmt: skip
+        return likelihood, log_q - log_prior
+
+    def loss(self, x: Tensor, kl_weight: float = 1.0, free_bits: float = 0.0) -> Tensor:
+        """``-(E_q[log p(x | z)] - kl_weight * KL)`` summed over the batch, one draw of
+        ``z`` per image; with ``free_bits`` λ the KL is ``max(λ, mean KL) * batch``."""
+        likelihood, kl = self(x)
         if kl_weight == 1.0 and not free_bits:
-            return -(likelihood + log_prior - log_q).sum()
-        return kl_weight * kl_with_free_bits(log_q - log_prior, free_bits) - likelihood.sum()
+            return (kl - likelihood).sum()
+        return kl_weight * kl_with_free_bits(kl, free_bits) - likelihood.sum()
 
     @torch.no_grad()
     def sample(self, num_images: int) -> Tensor:

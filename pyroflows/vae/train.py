@@ -2,6 +2,15 @@
 KL warm-up, free bits, early stopping on the validation ELBO, a checkpoint every epoch
 written atomically, and ``resume`` that continues an interrupted run bit for bit.
 
+Under ``torchrun`` (an initialised :mod:`torch.distributed` process group) the same call
+trains data-parallel: the VAE is wrapped in ``DistributedDataParallel``, and each batch of
+``batch_size`` images is dealt out over the ranks (rank ``r`` takes rows ``r, r + N, ...``)
+together with its standard normal draws, which every rank draws alike. The free-bits KL
+floor applies to the whole batch's mean KL (summed over the ranks first), so each step
+takes the gradient of the one-process step on the same batch, to rounding. The epoch's
+order comes from ``seed + epoch``, not the global generator, so checkpoints resume on any
+number of processes. Rank 0 alone writes checkpoints and shows the bar.
+
 >>> from pyroflows.vae import VAE, load
 >>> data = load("digits")
 >>> vae = VAE(data.image_shape, latent_dim=4, flow="iaf", num_layers=1, hidden_dim=32)
@@ -18,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .. import _checks, _training
+from .. import _checks, _training, distributed
 from .data import BinaryImages, check_binary
 from .models import VAE
 
@@ -74,6 +83,13 @@ def train(
     ``stopped``, before the step is taken, and writes no checkpoint."""
     config = Settings(**settings)
     _check_settings(config)
+    rank, world = distributed.rank_and_world()
+    if config.batch_size % world:
+        raise ValueError(
+            f"batch_size must be a multiple of the number of processes ({world}) so that "
+            f"each takes the same share of a batch, got {config.batch_size}"
+        )
+    distributed.check_devices(vae.device)
     train_x = vae.check_images(data.train, "data.train")
     vae.check_images(data.valid, "data.valid")
     for split in ("train", "valid") if not data.dynamic else ("valid",):
@@ -81,17 +97,18 @@ def train(
     optimizer = OPTIMIZERS[config.optimizer](vae.parameters(), lr=config.lr)
     run, start = TrainRun(), 0
     out = Path(out) if out is not None else None
-    if out is not None:
+    if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
         run = load_checkpoint(_training.resume_from(out), vae, config, optimizer)
         start = len(run.history)
     else:
         torch.manual_seed(config.seed)
+    net = vae if world == 1 else _data_parallel(vae)
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
     warmup_steps = config.warmup_epochs * steps_per_epoch
     best_state = None  # the best parameters seen in this call
-    bar = _training.progress(progress, config.epochs, start)
+    bar = _training.progress(progress and rank == 0, config.epochs, start)
     for epoch in range(start, config.epochs):
         if _training.stalled(len(run.history), run.best_epoch, config.patience):
             run.stopped = f"early stop after epoch {epoch}: no better validation ELBO in " \
@@ -99,29 +116,31 @@ def train(
             break
         vae.train()
         images = data.train_epoch()
-        order = torch.randperm(len(images), device=images.device)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
+            config.seed + epoch)).to(images.device)  # fmt: skip
         total = 0.0
         for step in range(steps_per_epoch):
             batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
             done = epoch * steps_per_epoch + step
             beta = min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0
-            loss = vae.loss(batch, kl_weight=beta, free_bits=config.free_bits) / len(batch)
-            if not torch.isfinite(loss):
-                run.stopped = f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step + 1}"
+            noise = torch.randn(len(batch), vae.latent_dim, device=batch.device)  # as on every rank
+            loss, value = _batch_loss(net, batch, noise, beta, config.free_bits, rank, world)
+            if not math.isfinite(value):
+                run.stopped = f"non-finite loss {value} at epoch {epoch + 1}, step {step + 1}"
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += value * len(batch)
             if bar is not None and step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.2f}", beta=f"{beta:.2f}", refresh=False)
+                bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}", refresh=False)
         if run.stopped:
             break
         valid = validation_loss(vae, data.valid, config.batch_size)
         run.history.append({"epoch": epoch + 1, "train_loss": total / len(images),
                             "valid_loss": valid, "kl_weight": beta})  # fmt: skip
         improved = _training.after_epoch(
-            valid <= run.best_valid, vae, out,
+            valid <= run.best_valid, vae, out if rank == 0 else None,
             lambda path: save_checkpoint(path, vae, config, optimizer, run), bar,
             valid=f"{valid:.2f}",
         )  # fmt: skip
@@ -135,12 +154,50 @@ def train(
     return run
 
 
+def _batch_loss(
+    net: nn.Module, batch: Tensor, noise: Tensor, beta: float, free_bits: float, rank: int,
+    world: int,
+) -> tuple[Tensor, float]:  # fmt: skip
+    """This rank's share of the batch loss per image, whose gradient averaged over the ranks
+    (as DistributedDataParallel does) is the whole batch's, and the whole batch's value."""
+    rows, weight = slice(rank, None, world), 1.0
+    if rank >= len(batch):  # fewer images than ranks: a weightless row keeps this rank in step
+        rows, weight = slice(0, 1), 0.0
+    likelihood, kl = (weight * t for t in net(batch[rows], noise[rows]))
+    sums = torch.stack([likelihood.sum(), kl.sum()]).detach()
+    distributed.all_reduce_sum([sums])
+    n = len(batch)
+    mean_kl = sums[1].item() / n
+    if free_bits and mean_kl < free_bits:  # the floor holds: no gradient to the KL
+        kl_share, kl_value = 0.0, free_bits * n
+    else:
+        kl_share, kl_value = kl.sum(), sums[1].item()
+    value = (beta * kl_value - sums[0].item()) / n
+    return (beta * kl_share - likelihood.sum()) * (world / n), value
+
+
 @torch.no_grad()
 def validation_loss(vae: VAE, x: Tensor, batch_size: int = 1000) -> float:
-    """-ELBO per image (one draw per image, β = 1, no free bits)."""
+    """-ELBO per image (one draw per image, β = 1, no free bits), shared out over the
+    ranks of a process group as in training."""
     vae.eval()
-    total = sum(vae.loss(x[i : i + batch_size]).item() for i in range(0, len(x), batch_size))
-    return total / len(x)
+    rank, world = distributed.rank_and_world()
+    total = torch.zeros((), device=x.device)
+    for i in range(0, len(x), batch_size):
+        batch = x[i : i + batch_size]
+        noise = torch.randn(len(batch), vae.latent_dim, device=x.device)
+        if rank < len(batch):
+            likelihood, kl = vae(batch[rank::world], noise[rank::world])
+            total += (kl - likelihood).sum()
+    distributed.all_reduce_sum([total])
+    return total.item() / len(x)
+
+
+def _data_parallel(vae: VAE) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    devices = [vae.device] if vae.device.type == "cuda" else None
+    return DistributedDataParallel(vae, device_ids=devices)
 
 
 def save_checkpoint(path: Path, vae: VAE, config: Settings, optimizer, run: TrainRun) -> None:
