@@ -127,8 +127,23 @@ def _worker(rank: int, world: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, folder: str, limit: float = 180.0) -> None:
-    context = mp.start_processes(_worker, args=(world, folder), nprocs=world, join=False,
+def _nccl_worker(rank: int, world: int, folder: str) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        vae, data = _fresh().to(f"cuda:{rank}"), _images().to(f"cuda:{rank}")
+        run = train(vae, data, epochs=2, **TRAIN)
+        nll = evaluate(vae, data.test, **SETTINGS)["nll"]
+        state = {k: v.cpu() for k, v in vae.state_dict().items()}
+        torch.save({"history": run.history, "vae": state, "nll": nll}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, folder: str, limit: float = 180.0, worker=_worker) -> None:
+    context = mp.start_processes(worker, args=(world, folder), nprocs=world, join=False,
                                  start_method="spawn")  # fmt: skip
     deadline = time.monotonic() + limit
     while not context.join(timeout=5):
@@ -239,6 +254,21 @@ def test_the_vae_command_runs_under_torchrun(tmp_path):
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["history"][0] == pytest.approx(one["history"][0], rel=1e-5)
     assert two["test"] == pytest.approx(one["test"], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_data_parallel_training_over_nccl_takes_the_one_process_steps(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    _spawn(2, str(tmp_path), worker=_nccl_worker)
+    vae, data = _fresh().cuda(), _images().to("cuda")
+    run = train(vae, data, epochs=2, **TRAIN)
+    single = {"history": run.history, "vae": {k: v.cpu() for k, v in vae.state_dict().items()}}
+    nll = evaluate(vae, data.test, **SETTINGS)["nll"]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        _assert_same_training(got, single)
+        assert got["nll"] == pytest.approx(nll, rel=1e-5)
 
 
 def test_a_world_size_without_a_rendezvous_is_refused(monkeypatch):
