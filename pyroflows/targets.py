@@ -121,7 +121,10 @@ class Funnel(Target):
 
     def _log_prob(self, x: Tensor) -> Tensor:
         v = x[..., 0]
-        return _normal(v, 3.0) + _normal(x[..., 1:], (v / 2).exp().unsqueeze(-1)).sum(-1)
+        # log N(xᵢ; 0, e^v) written with e^-v: finite far up the funnel's mouth (v > 177 in
+        # float32), where the scale e^(v/2) would overflow and give -inf
+        rest = -0.5 * x[..., 1:].square() * (-v).exp().unsqueeze(-1)
+        return _normal(v, 3.0) + rest.sum(-1) - (self.dim - 1) * (v / 2 + 0.5 * LOG_2PI)
 
     def sample(self, shape: tuple[int, ...] = ()) -> Tensor:
         v = 3 * self._anchor().new_empty(shape).normal_()
