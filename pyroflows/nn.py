@@ -125,14 +125,15 @@ def matvec(a: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class ParameterMap(nn.Module):
-    """Named parameter tensors, free or amortized.
+    """Named parameter tensors, free or amortized, held as one flat ``nn.Parameter``.
 
-    Without context (``context_dim=0``) the parameters are this module's own
-    ``nn.Parameter`` s, one per name. With ``context_dim > 0`` a network adds a
-    context-dependent offset, so a context of shape ``(*batch, context_dim)`` gives each
-    parameter the shape ``(*batch, *shape)``. The offset network's last layer starts small,
-    so an amortized flow starts near its unconditional twin yet already depends on the
-    context.
+    Without context (``context_dim=0``) the named tensors are views of this module's one
+    parameter ``flat``: one tensor for an optimizer to update (Pyro's optimizers keep an
+    optimizer per tensor, whose overhead counts in small models). With ``context_dim > 0`` a
+    network adds a context-dependent offset, so a context of shape ``(*batch, context_dim)``
+    gives each parameter the shape ``(*batch, *shape)``. The offset network's last layer starts
+    small, so an amortized flow starts near its unconditional twin yet already depends on the
+    context. :meth:`free` gives the context-free values as views, to set them in place.
 
     >>> pm = ParameterMap({"w": torch.zeros(3), "b": torch.zeros(())}, context_dim=5)
     >>> {k: tuple(v.shape) for k, v in pm(torch.ones(7, 5)).items()}
@@ -147,25 +148,31 @@ class ParameterMap(nn.Module):
     ) -> None:
         super().__init__()
         self.context_dim = _checks.nonnegative_int("context_dim", context_dim)
-        for name, value in init.items():
-            self.register_parameter(name, nn.Parameter(value.clone()))
         self.shapes = {k: tuple(v.shape) for k, v in init.items()}
         self.sizes = [math.prod(s) for s in self.shapes.values()]
+        self.flat = nn.Parameter(torch.cat([v.detach().reshape(-1) for v in init.values()]))
         self.net = None
         if context_dim:
             hidden = _checks.int_sequence("hidden_dims", hidden_dims)
             self.net = mlp(context_dim, hidden, sum(self.sizes), bias=False)
             nn.init.normal_(self.net[-1].weight, std=0.01)
 
+    def free(self) -> dict[str, Tensor]:
+        """The context-free values, as views of ``flat``."""
+        return self._unpack(self.flat)
+
     def forward(self, context: Tensor | None = None) -> dict[str, Tensor]:
         if self.net is None:
-            return dict(self._parameters)
+            return self._unpack(self.flat)
         assert context is not None
-        offsets = self.net(context).split(self.sizes, dim=-1)
-        batch = context.shape[:-1]
+        return self._unpack(self.flat + self.net(context))
+
+    def _unpack(self, flat: Tensor) -> dict[str, Tensor]:
+        batch = flat.shape[:-1]
+        parts = flat.split(self.sizes, dim=-1)
         return {
-            name: self._parameters[name] + offset.reshape(batch + shape)
-            for (name, shape), offset in zip(self.shapes.items(), offsets, strict=True)
+            name: part.reshape(batch + shape)
+            for (name, shape), part in zip(self.shapes.items(), parts, strict=True)
         }
 
 

@@ -46,12 +46,13 @@ class ActNorm(Flow):
         std = (
             rows.std(0).nan_to_num(1.0).clamp_min(1e-6) if len(rows) > 1 else torch.ones_like(mean)
         )
+        free = self.params.free()
         if forward:  # (x + shift) / std(x) standardises x
-            self.params.shift.copy_(-mean)
-            self.params.log_scale.copy_(-std.log())
+            free["shift"].copy_(-mean)
+            free["log_scale"].copy_(-std.log())
         else:  # y / std(y) - shift standardises y
-            self.params.shift.copy_(mean / std)
-            self.params.log_scale.copy_(std.log())
+            free["shift"].copy_(mean / std)
+            free["log_scale"].copy_(std.log())
         self.initialized.fill_(True)
 
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
