@@ -104,7 +104,12 @@ def rank_and_world() -> tuple[int, int]:
 
 
 @contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """The block drawn from ``seed`` (the CPU generator and ``device``'s), the generators'
+    states restored after it; ``None`` leaves them alone."""
+    if seed is None:
+        yield
+        return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -142,7 +147,7 @@ def log_marginal_likelihood(
         starts = tqdm(starts, desc="log p(x)", unit="batch", disable=rank != 0)
     mine = {}
     for start in starts:
-        with _seeded(seed + start // batch_size, x.device):
+        with seeded(seed + start // batch_size, x.device):
             r = _log_marginal_likelihood(
                 model, guide, x[start : start + batch_size], num_samples=num_samples,
                 chunk_size=chunk_size, max_plate_nesting=max_plate_nesting,
@@ -158,15 +163,6 @@ def all_reduce_sum(tensors: list[Tensor]) -> None:
     if rank_and_world()[1] > 1:
         for t in tensors:
             dist.all_reduce(t)
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on any rank (``flag`` itself without a process group)."""
-    if rank_and_world()[1] == 1:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _gathered(mine: dict[int, Any], world: int) -> dict[int, Any]:

@@ -218,10 +218,8 @@ def fit(
     rank, world = distributed.rank_and_world()
 
     def loss_at(step: int) -> tuple[Tensor, str | None]:
-        if world == 1:
-            x = q.rsample((particles,))
-        else:  # the same base draws on every rank, each rank its share of them
-            x = transform(density.base.rsample((particles,))[rank::world])
+        # the same base draws on every rank, each rank its share of them (all, alone)
+        x = transform(density.base.rsample((particles,))[rank::world])
         if estimator == "stl":
             stopped_params = {k: v.detach() for k, v in density.named_parameters()}
             log_q = torch.func.functional_call(density, stopped_params, (x,))
@@ -232,9 +230,7 @@ def fit(
         beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         if beta < 1.0:  # the target p^β base^(1-β): from the flow's base to p
             target_values = beta * target_values + (1 - beta) * density.base.log_prob(x)
-        if world == 1:
-            return (log_q - target_values).mean(), problem
-        return (log_q - target_values).sum() / particles, problem  # summed over ranks
+        return (log_q - target_values).sum() / particles, problem  # summed over the ranks
 
     losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar, sharded=True)
     with torch.no_grad():

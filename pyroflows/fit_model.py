@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,7 +60,11 @@ def fit_model(
         loss = objective.differentiable_loss(model, guide, *args, **kwargs)
         return loss * (share / particles), None  # summed over the ranks: the mean over all
 
-    with _own_draws(rank, world, device):
+    # with several processes each rank draws its own particles (Pyro makes the guide's draws
+    # inside its trace, so they cannot be shared out), from a stream forked off the common
+    # seed; the common stream continues afterwards, so every rank evaluates the fit alike
+    own = torch.randint(2**62, ()).item() + rank if world > 1 else None
+    with distributed.seeded(own, device):
         losses, stopped = optimize(loss_at, guide, make_optimizer, steps, progress,
                                    sharded=world > 1)  # fmt: skip
     samples, log_w, _ = w.weighted_draws(model, guide, args, kwargs, num_eval)
@@ -78,19 +81,6 @@ def fit_model(
 
 
 _FITS = itertools.count()
-
-
-@contextmanager
-def _own_draws(rank: int, world: int, device: torch.device) -> Iterator[None]:
-    """With several processes, each rank draws its own particles (the guide's draws cannot
-    be shared out after Pyro has made them), from a stream forked off the common seed; the
-    common stream continues afterwards, so every rank evaluates the fit alike."""
-    if world == 1:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(torch.randint(2**62, ()).item() + rank)
-        yield
 
 
 def optimize(
@@ -113,12 +103,12 @@ def optimize(
     for step in bar:
         loss, problem = loss_at(step)
         opt.zero_grad()
-        if sharded:
-            total = loss.detach().clone()
-            distributed.all_reduce_sum([total])
-            if distributed.any_rank(problem is not None, loss.device) and problem is None:
+        if sharded:  # one all-reduce: the summed loss and how many ranks have a problem
+            summed = torch.stack([loss.detach(), loss.new_tensor(float(problem is not None))])
+            distributed.all_reduce_sum([summed])
+            if summed[1] > 0 and problem is None:
                 problem = f"another process stopped at step {step}"
-            loss_value = total
+            loss_value = summed[0]
         else:
             loss_value = loss
         if problem is None and not torch.isfinite(loss_value):

@@ -163,7 +163,7 @@ class ParameterMap(nn.Module):
 
     def forward(self, context: Tensor | None = None) -> dict[str, Tensor]:
         if self.net is None:
-            return self._unpack(self.flat)
+            return self.free()
         assert context is not None
         return self._unpack(self.flat + self.net(context))
 

@@ -62,9 +62,10 @@ def _trained(**options) -> dict:
     return {"history": run.history, "vae": vae.state_dict()}
 
 
-def _error(**options) -> str:
+def _error(call, *args, **options) -> str:
+    """The message of the ValueError ``call(*args, **options)`` raises ("" if none)."""
     try:
-        train(options.pop("vae", None) or _fresh(), _images(), **{**TRAIN, **options})
+        call(*args, **options)
     except ValueError as error:
         return str(error)
     return ""
@@ -109,13 +110,13 @@ def _worker(rank: int, world: int, folder: str) -> None:
         _trained(epochs=1, out=f"{folder}/cut")
         resumed = _trained(epochs=2, out=f"{folder}/cut", resume=True)
         _trained(epochs=1, out=f"{folder}/half")  # resumed by one process
-        errors = [_error(batch_size=5), _error(vae=_fresh().to("meta" if rank else "cpu"))]
-        for options in ({"particles": 1}, {"estimator": "dreg"}):
-            try:
-                pf.fit(_model, "iaf", model_args=(X,), steps=1, progress=False, **options)
-                errors.append("")
-            except ValueError as error:
-                errors.append(str(error))
+        mixed = _fresh().to("meta" if rank else "cpu")
+        errors = [
+            _error(train, _fresh(), _images(), **{**TRAIN, "batch_size": 5}),
+            _error(train, mixed, _images(), **TRAIN),
+            *(_error(pf.fit, _model, "iaf", model_args=(X,), steps=1, progress=False, **options)
+              for options in ({"particles": 1}, {"estimator": "dreg"})),
+        ]  # fmt: skip
         model_fit = _fit_model()
         model_fit = {"losses": model_fit.losses, "log_z": model_fit.diagnostics.log_z,
                      "guide": model_fit.guide.state_dict()}  # fmt: skip

@@ -39,7 +39,8 @@ class VAE(nn.Module):
     H * W)`` (0/1 floats): use them with SVI, the objectives and
     :func:`~pyroflows.infer.log_marginal_likelihood`. :meth:`loss` computes the same
     objective as ``pyroflows.infer.ELBO(kl_weight=..., free_bits=...).differentiable_loss``
-    without Pyro's tracing, the fast path the trainer uses (a test checks they agree).
+    without Pyro's tracing (a test checks they agree); the trainer combines the per-image
+    terms of ``forward`` the same way, summed over the processes that share a batch.
     """
 
     def __init__(
