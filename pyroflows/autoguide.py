@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from . import _checks
+from ._scores import stopped_log_prob
 from .flows import RECIPES, build
 from .transforms.base import cache_disabled
 
@@ -176,26 +177,37 @@ class AutoFlow(AutoContinuous):
         """Each latent site's log density at its value in ``guide_trace`` with this guide's
         parameters stopped, for STL and DReG (taken by
         :func:`pyroflows.infer.weights.stopped_guide_log_probs` in place of a re-run of the
-        guide through Pyro): the joint latent's under the flow and placement with detached
-        parameters, its inverse warm-started at the sample (see ``Flow._warm_start``); each
-        placed site's as traced, since its density (the change of variables to the site's
-        support) reads no parameter. The values and gradients are the re-run's (tested)."""
+        guide through Pyro). The joint latent's is its traced value plus its score times
+        the sample's displacement, the score pulled back through the layers at their cached
+        inputs (:func:`pyroflows._scores.stopped_log_prob`): the path derivative without an
+        inverse or a second graph. Where a layer has no pullback, it is the flow's density
+        with detached parameters, its inverse warm-started at the sample (see
+        ``Flow._warm_start``). Each placed site's is as traced, since its density (the
+        change of variables to the site's support) reads no parameter. The values and
+        gradients are the re-run's (tested)."""
         out = {}
         for name, site in guide_trace.nodes.items():
             latent = site["type"] == "sample" and not site["is_observed"]
             if not latent or isinstance(site["fn"], _Subsample):
                 continue
             if site["infer"].get("is_auxiliary"):
-                detached = {f"flow.{k}": v.detach() for k, v in self.flow.named_parameters()}
-                density = _StoppedDensity(self.flow, self._base(self.loc))
-                with cache_disabled():
-                    log_prob = torch.func.functional_call(
-                        density, detached, (site["value"], self.loc.detach(), self.scale.detach())
-                    )
+                log_prob = stopped_log_prob(
+                    site["fn"], site["value"], site.get("unscaled_log_prob")
+                )
+                if log_prob is None:
+                    log_prob = self._stopped_by_inverse(site["value"])
             else:
                 log_prob = site["fn"].log_prob(site["value"])
             out[name] = scale_and_mask(log_prob, 1.0, site["mask"])
         return out
+
+    def _stopped_by_inverse(self, z: Tensor) -> Tensor:
+        detached = {f"flow.{k}": v.detach() for k, v in self.flow.named_parameters()}
+        density = _StoppedDensity(self.flow, self._base(self.loc))
+        with cache_disabled():
+            return torch.func.functional_call(
+                density, detached, (z, self.loc.detach(), self.scale.detach())
+            )
 
     @torch.no_grad()
     def quantiles(
@@ -339,3 +351,14 @@ class AmortizedFlowGuide(nn.Module):
                 )
         with plate:
             return pyro.sample(self.site, self.posterior(x))
+
+    def stopped_log_probs(self, guide_trace: Any) -> dict[str, Tensor] | None:
+        """``log q(z | x)`` at the traced sample with every parameter stopped (encoder,
+        heads and flow), for STL and DReG: the traced value plus the score times the
+        sample's displacement (:func:`pyroflows._scores.stopped_log_prob`); ``None``, for a
+        re-run of the guide, where a layer has no score pullback."""
+        site = guide_trace.nodes[self.site]
+        log_prob = stopped_log_prob(site["fn"], site["value"], site.get("unscaled_log_prob"))
+        return (
+            None if log_prob is None else {self.site: scale_and_mask(log_prob, 1.0, site["mask"])}
+        )

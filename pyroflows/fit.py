@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import trange
 
 from . import _checks, diagnostics, distributed
+from ._scores import stopped_log_prob
 from .autoguide import init_to_median_or_feasible
 from .fit_model import fit_model, optimize
 from .flows import RECIPES, build
@@ -220,11 +221,10 @@ def fit(
     def loss_at(step: int) -> tuple[Tensor, str | None]:
         # the same base draws on every rank, each rank its share of them (all, alone)
         x = transform(density.base.rsample((particles,))[rank::world])
-        if estimator == "stl":
+        log_q = stopped_log_prob(q, x) if estimator == "stl" else q.log_prob(x)
+        if log_q is None:  # a layer without a score pullback: the density, parameters swapped
             stopped_params = {k: v.detach() for k, v in density.named_parameters()}
             log_q = torch.func.functional_call(density, stopped_params, (x,))
-        else:
-            log_q = q.log_prob(x)
         target_values = log_p(x)
         problem = _check_step(step, x, target_values, log_q)
         beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0

@@ -86,7 +86,13 @@ class MADE(nn.Module):
         """The network for one context, with the masks applied and the context's share of
         the first layer computed once: for callers that pass several inputs (a sequential
         inverse makes ``dim`` passes). With ``stacked`` it returns one view of shape
-        ``(..., dim, outputs)`` rather than ``outputs`` tensors."""
+        ``(..., dim, outputs)`` rather than ``outputs`` tensors.
+
+        ``run(x, jacobian=True)`` also returns the outputs' Jacobian in ``x``, transposed,
+        of shape ``(..., dim, outputs, dim)`` (``[j, k, i]``: output ``k`` at coordinate
+        ``i`` by ``x_j``), without a graph: the product of the masked weights and the ReLUs'
+        gates, one matrix product per layer where autograd would take ``dim``
+        vector-Jacobian products."""
         first, *rest = self.layers
         weight = first.weight * first.mask
         if context is None:
@@ -97,15 +103,21 @@ class MADE(nn.Module):
         others = [(layer.weight * layer.mask, layer.bias) for layer in rest]
         shape = (self.outputs, self.dim)
 
-        def run(x: Tensor) -> tuple[Tensor, ...]:
+        def run(x: Tensor, jacobian: bool = False) -> Any:
             if context is None:
                 h = F.linear(x, first_weight, first_bias)
             else:
                 h = F.linear(x, first_weight) + first_bias
+            jac_t = first_weight.detach().t()  # the Jacobian transposed: (..., dim, units)
             for weight, bias in others:
+                if jacobian:
+                    jac_t = F.linear(jac_t * (h.detach() > 0).unsqueeze(-2), weight.detach())
                 h = F.linear(torch.relu(h), weight, bias)
             h = h.unflatten(-1, shape)
-            return h.movedim(-2, -1) if stacked else h.unbind(-2)
+            out = h.movedim(-2, -1) if stacked else h.unbind(-2)
+            if not jacobian:
+                return out
+            return out, jac_t.expand(*h.shape[:-2], *jac_t.shape[-2:]).unflatten(-1, shape)
 
         return run
 

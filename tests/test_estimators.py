@@ -231,11 +231,16 @@ def test_inverse_without_gradients_at_the_last_output_reuses_the_input(monkeypat
     assert passes == [1]
 
 
-@pytest.mark.parametrize("name", ["iaf", "planar", "sylvester-h", "realnvp", "nsf-ar", "cnf"])
+BY_SCORES = ["iaf", "planar", "radial", "sylvester-o", "sylvester-h", "sylvester-t", "nsf-ar"]
+
+
+@pytest.mark.parametrize("name", [*BY_SCORES, "realnvp", "cnf"])
 def test_autoflow_stopped_density_equals_the_guide_rerun(name, monkeypatch):
     """AutoFlow's own stopped densities give the STL and DReG gradients of re-running the
     guide through Pyro with stopped parameters, in float64, on a model with a constrained
-    site inside a plate (the placed sites' change of variables counts)."""
+    site inside a plate (the placed sites' change of variables counts). The recipes whose
+    layers all pull scores back take that path, the others the inverse with detached
+    parameters."""
     pyro.clear_param_store()
     torch.manual_seed(0)
     x = torch.tensor([1.5, 3.0], dtype=torch.float64)
@@ -254,10 +259,17 @@ def test_autoflow_stopped_density_equals_the_guide_rerun(name, monkeypatch):
     with torch.no_grad():
         for p in guide.parameters():
             p.add_(0.3 * torch.randn_like(p))
+    by_inverse = []
+    inverse = pf.AutoFlow._stopped_by_inverse
     for objective in (ELBO(4, "stl", max_plate_nesting=1), IWAE(4, "dreg", max_plate_nesting=1)):
         grads, losses = {}, {}
         for own in (True, False):
-            if not own:
+            if own:
+                monkeypatch.setattr(
+                    pf.AutoFlow, "_stopped_by_inverse",
+                    lambda self, z: by_inverse.append(1) or inverse(self, z),
+                )  # fmt: skip
+            else:
                 monkeypatch.setattr(pf.AutoFlow, "stopped_log_probs", None)
             guide.zero_grad(set_to_none=True)
             pyro.set_rng_seed(3)
@@ -269,3 +281,96 @@ def test_autoflow_stopped_density_equals_the_guide_rerun(name, monkeypatch):
         for a, b in zip(grads[True], grads[False], strict=True):
             torch.testing.assert_close(a, b, **tol)
         assert max(g.abs().max() for g in grads[True]) > 1e-3
+    assert bool(by_inverse) == (name not in BY_SCORES)
+
+
+@pytest.mark.parametrize("flow", [None, *BY_SCORES, "realnvp"])
+def test_amortized_stopped_density_equals_the_guide_rerun(flow, monkeypatch):
+    """The amortized guide's own stopped density (score pullback) gives the STL and DReG
+    gradients of re-running it through Pyro with every parameter stopped (encoder, heads,
+    flow), in float64, for a VAE-like model with a learned decoder; a recipe with a layer
+    that has no pullback (realnvp's coupling) re-runs."""
+    pyro.clear_param_store()
+    torch.manual_seed(1)
+    data = torch.randn(5, 4, dtype=torch.float64)
+    decoder = torch.nn.Linear(DIM, 4).double()
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", len(x)):
+            prior = dist.Normal(torch.zeros(DIM, dtype=torch.float64), 1.0).to_event(1)
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh())
+    options = {} if flow is None else _options(flow)
+    guide = pf.AmortizedFlowGuide(encoder, DIM, 6, flow, **options).double()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    own = pf.AmortizedFlowGuide.stopped_log_probs
+    used = []
+    for objective in (ELBO(3, "stl", max_plate_nesting=1), IWAE(3, "dreg", max_plate_nesting=1)):
+        grads = {}
+        for mine in (True, False):
+            if mine:
+
+                def counted(self, trace):
+                    out = own(self, trace)
+                    used.append(out is not None)
+                    return out
+
+                monkeypatch.setattr(pf.AmortizedFlowGuide, "stopped_log_probs", counted)
+            else:
+                monkeypatch.setattr(pf.AmortizedFlowGuide, "stopped_log_probs", None)
+            guide.zero_grad(set_to_none=True)
+            decoder.zero_grad(set_to_none=True)
+            pyro.set_rng_seed(2)
+            objective.loss_and_grads(model, guide, data)
+            grads[mine] = [p.grad.clone() for p in [*guide.parameters(), *decoder.parameters()]]
+        monkeypatch.undo()
+        for a, b in zip(grads[True], grads[False], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        assert min(g.abs().max() for g in grads[True]) > 1e-4  # every group moves
+    assert all(used) == (flow != "realnvp") and used
+
+
+@pytest.mark.parametrize("name", [*BY_SCORES, "realnvp"])
+def test_stopped_log_prob_of_a_flow_equals_the_density_with_detached_parameters(
+    name, monkeypatch
+):
+    """``stopped_log_prob`` of a fitted flow's own draws (the path ``pyroflows.fit`` takes
+    for STL) has the value and the gradients of its density with detached parameters, in
+    float64; a flow with a layer that has no pullback gives ``None``."""
+    from pyroflows._scores import stopped_log_prob
+
+    torch.manual_seed(3)
+    options = _options(name)
+    flow = pf.build(name, DIM, options.pop("num_layers", 2), **options).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    base = dist.Normal(torch.zeros(DIM, dtype=torch.float64), 1.5).to_event(1)
+    q = dist.TransformedDistribution(base, [flow])
+    x = q.rsample((6,))
+    got = stopped_log_prob(q, x)
+    if name not in BY_SCORES:
+        assert got is None
+        return
+    detached = {f"0.{k}": v.detach() for k, v in flow.named_parameters()}
+
+    class Density(torch.nn.ModuleList):
+        def forward(self, value):
+            return dist.TransformedDistribution(base, [self[0]]).log_prob(value)
+
+    for family in (pf.transforms.Planar, pf.transforms.Sylvester, Autoregressive):
+        monkeypatch.setattr(family, "_warm_starts", False)  # the full inverse, from scratch
+    expected = torch.func.functional_call(Density([flow]), detached, (x,))
+    monkeypatch.undo()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    target = (x.sin() * x).sum(-1)
+    grads = torch.autograd.grad((got - target).sum(), list(flow.parameters()), retain_graph=True)
+    want = torch.autograd.grad((expected - target).sum(), list(flow.parameters()))
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert min(g.abs().max() for g in grads) > 1e-4

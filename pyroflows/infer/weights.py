@@ -293,11 +293,13 @@ def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int
     replayed, and each density is taken during that run, so the result keeps the gradient
     through the samples (the path derivative) and drops the score term of every parameter,
     a flow's included. Flows compute their inverse at the replayed values. A guide with a
-    ``stopped_log_probs(guide_trace)`` method (:class:`~pyroflows.AutoFlow`) computes them
-    itself, without the re-run.
+    ``stopped_log_probs(guide_trace)`` method (:class:`~pyroflows.AutoFlow`,
+    :class:`~pyroflows.AmortizedFlowGuide`) computes them itself, without the re-run, unless
+    it returns ``None``.
     """
-    if callable(getattr(guide, "stopped_log_probs", None)):
-        return guide.stopped_log_probs(guide_trace)
+    own = getattr(guide, "stopped_log_probs", None)
+    if callable(own) and (log_probs := own(guide_trace)) is not None:
+        return log_probs
     run = guide
     if isinstance(guide, nn.Module):
         detached = {k: v.detach() for k, v in guide.named_parameters()}

@@ -4,6 +4,7 @@ affine or a rational-quadratic spline map per coordinate (Durkan et al., 2019)."
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,10 @@ class Autoregressive(Flow):
         order = torch.eye(dim, dtype=torch.bool)[permutation]
         self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_permutation", permutation.clone(), persistent=False)
+        self.register_buffer("_unpermutation", torch.argsort(permutation), persistent=False)
+        # Jᵀ[perm][:, perm], upper triangular, as one gather of the flattened transpose
+        upper_index = (permutation.unsqueeze(-1) * dim + permutation).flatten()
+        self.register_buffer("_upper_index", upper_index, persistent=False)
 
     def extra_repr(self) -> str:
         extra = f", bins={self.bins}, bound={self.bound}" if self.transformer == "spline" else ""
@@ -97,9 +102,13 @@ class Autoregressive(Flow):
     def _warm_starts(self) -> bool:  # see _newton_step
         return self.direction == "iaf"
 
-    def _affine(self, c: Tensor, net: Callable) -> tuple[Tensor, Tensor, Tensor]:
-        """``(σ, μ, log σ)`` given the conditioning input ``c`` and the bound network."""
-        m, s = net(c)
+    @property
+    def _pulls_back_scores(self) -> bool:
+        return self.direction == "iaf"
+
+    def _affine(self, params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(σ, μ, log σ)`` given the network's outputs."""
+        m, s = params
         if self.stable:
             s = F.hardtanh(s + 2.0, -5.0, 5.0)  # bounded contraction: inverse stays finite
             gate = torch.sigmoid(s)
@@ -112,9 +121,13 @@ class Autoregressive(Flow):
     ) -> tuple[Tensor, Tensor]:
         """Each coordinate's map (or its inverse) of ``value``, conditioned on ``c``, and the
         log-derivative of what was applied, per coordinate."""
+        return self._transform(value, net(c), inverse)
+
+    def _transform(self, value: Tensor, params: Any, inverse: bool) -> tuple[Tensor, Tensor]:
+        """``_elementwise`` given the network's outputs ``params``."""
         if self.transformer == "spline":
-            return rational_quadratic(value, net(c), self.bound, inverse)
-        scale, shift, log_scale = self._affine(c, net)
+            return rational_quadratic(value, params, self.bound, inverse)
+        scale, shift, log_scale = self._affine(params)
         if inverse:
             return (value - shift) / scale, -log_scale
         return torch.addcmul(shift, value, scale), log_scale
@@ -138,34 +151,77 @@ class Autoregressive(Flow):
             x, log_derivative = self._elementwise(y, y, net, inverse=True)
             return x, log_derivative.sum(-1)
         if start is not None:
-            x = self._newton_step(y, net, start)
-            return x, -self._elementwise(x, x, net, inverse=False)[1].sum(-1)
+            return self._newton_step(y, net, start)
         return self._solve(y, net, inverse=True)
 
-    def _newton_step(self, y: Tensor, net: Callable, start: Tensor) -> Tensor:
+    def _newton_step(self, y: Tensor, net: Callable, start: Tensor) -> tuple[Tensor, Tensor]:
         """The IAF's inverse at ``y`` from a known solution ``start`` (see
-        ``Flow._warm_start``): ``x = start + J⁻¹ (y - f(start))`` with the Jacobian ``J`` of
-        the forward map at ``start``, triangular in the autoregressive order.
+        ``Flow._warm_start``), with its log-determinant: ``x = start + J⁻¹ (y - f(start))``
+        with the Jacobian ``J`` of the forward map at ``start``, triangular in the
+        autoregressive order, and the log-derivative ``L`` at ``x`` linearised at ``start``,
+        ``L(start) + ∇L · (x - start)``.
 
-        Its value is ``start`` to rounding and its derivatives are the implicit function's,
-        so a density with stopped parameters (STL, DReG) needs no sequential inverse: ``J``
-        comes from ``dim`` vector-Jacobian products in one batched call, without a graph.
+        The values are ``start`` and ``L(start)`` to rounding and the first derivatives are
+        the implicit function's, so a density with stopped parameters (STL, DReG) needs no
+        sequential inverse and one network pass: ``J`` and ``∇L`` come without a graph from
+        the network's Jacobian (:meth:`pyroflows.nn.MADE.bind`) and each coordinate's
+        sensitivities to its own input and network outputs.
         """
         start = start.detach()
+        out, log_derivative, upper, grad_log_derivative = self._linearised(start, net)
+        residual = (y - out)[..., self._permutation].unsqueeze(-1)
+        step = torch.linalg.solve_triangular(upper.mT, residual, upper=False).squeeze(-1)
+        step = step[..., self._unpermutation]
+        ladj = log_derivative.sum(-1) + (grad_log_derivative * step).sum(-1)
+        return start + step, -ladj
 
-        def forward(x: Tensor) -> Tensor:
-            return self._elementwise(x, x, net, inverse=False)[0]
-
+    def _score_pullback(self, x: Tensor, context: Tensor | None, score: Tensor) -> Tensor:
         with torch.no_grad():
-            out, pullback = torch.func.vjp(forward, start)
-            basis = torch.eye(self.dim, dtype=out.dtype, device=out.device)
-            rows = torch.func.vmap(lambda e: pullback(e.expand_as(out))[0])(basis)
-            jac = rows.movedim(0, -2)  # rows[i] = eᵢᵀ J
-            perm = self._permutation
-            jac = jac[..., perm, :][..., :, perm]  # lower triangular in this order
-        residual = (y - forward(start))[..., perm].unsqueeze(-1)
-        step = torch.linalg.solve_triangular(jac, residual, upper=False).squeeze(-1)
-        return start + step[..., torch.argsort(perm)]
+            _, _, upper, grad_log_derivative = self._linearised(x, self._bind(context))
+            rhs = (score - grad_log_derivative)[..., self._permutation].unsqueeze(-1)
+            out = torch.linalg.solve_triangular(upper, rhs, upper=True).squeeze(-1)
+        return out[..., self._unpermutation]
+
+    def _linearised(self, x: Tensor, net: Callable) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The forward map at ``x`` and its log-derivative per coordinate (with a graph to
+        the parameters), then without a graph its Jacobian's transpose permuted to upper
+        triangular and the gradient of the summed log-derivative in ``x``."""
+        params, net_jac = net(x, jacobian=True)  # [j, k, i]: ∂ output k at i / ∂x_j
+        out, log_derivative = self._transform(x, params, inverse=False)
+        with torch.no_grad():
+            dy, dy_params, dl, dl_params = self._sensitivities(x, params)
+            jac_t = torch.diag_embed(dy) + (dy_params.unsqueeze(-3) * net_jac).sum(-2)
+            grad_log_derivative = dl + (dl_params.unsqueeze(-3) * net_jac).sum((-2, -1))
+            n = self.dim
+            upper = jac_t.flatten(-2)[..., self._upper_index].unflatten(-1, (n, n))
+        return out, log_derivative, upper, grad_log_derivative
+
+    def _sensitivities(self, x: Tensor, params: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each coordinate's derivatives of its forward output ``y_i`` and log-derivative
+        ``L_i`` in its own input ``x_i``, and in its network outputs (shape
+        ``(..., outputs, dim)``): the affine map's in closed form, the spline's by
+        autograd."""
+        if self.transformer == "spline":
+            with torch.enable_grad():
+                leaf, own = x.detach().requires_grad_(), params.detach().requires_grad_()
+                y, log_derivative = self._transform(leaf, own, inverse=False)
+                dy = torch.autograd.grad(y.sum(), [leaf, own], retain_graph=True)
+                dl = torch.autograd.grad(log_derivative.sum(), [leaf, own], allow_unused=True)
+            dl_x = torch.zeros_like(x) if dl[0] is None else dl[0]
+            return dy[0], dy[1].mT, dl_x, dl[1].mT
+        m, s = params
+        if self.stable:
+            inside = ((s + 2.0) > -5.0) & ((s + 2.0) < 5.0)
+            gate = torch.sigmoid(F.hardtanh(s + 2.0, -5.0, 5.0))
+            slope = gate * (1 - gate) * inside
+            dy_params = torch.stack([1 - gate, (x - m) * slope], -2)
+            dl_params = torch.stack([torch.zeros_like(m), (1 - gate) * inside], -2)
+            return gate, dy_params, torch.zeros_like(x), dl_params
+        inside = (s > -5.0) & (s < 5.0)
+        scale = F.hardtanh(s, -5.0, 5.0).exp()
+        dy_params = torch.stack([torch.ones_like(m), x * scale * inside], -2)
+        dl_params = torch.stack([torch.zeros_like(m), inside.to(s.dtype)], -2)
+        return scale, dy_params, torch.zeros_like(x), dl_params
 
     def _solve(self, value: Tensor, net: Callable, inverse: bool) -> tuple[Tensor, Tensor]:
         """The sequential direction: ``dim`` network passes, pass ``k`` fixing coordinate
@@ -182,3 +238,4 @@ class Autoregressive(Flow):
             new, log_derivative = self._elementwise(value, out, net, inverse)
             out = torch.where(position, new, out)
         return out, log_derivative.sum(-1)
+

@@ -38,22 +38,25 @@ from .. import _checks
 
 Params = dict[str, Tensor]  # what ``_params`` returns in the parameter-valued families
 
-_CACHE = {"enabled": True}
+_CACHE: dict[str, object] = {"block": None}
 
 
 @contextmanager
 def cache_disabled() -> Iterator[None]:
-    """Within this block every flow recomputes instead of reusing its cached entry.
+    """Within this block every flow recomputes instead of reusing an entry cached before it
+    (entries made within the block serve the block, e.g. an inverse's log-determinant for
+    the ``log_abs_det_jacobian`` call that follows it, and no entry made within it serves
+    anything after it).
 
     Used where the same tensor must be re-evaluated under different parameter values, e.g.
     the guide's log density with stopped parameters in DReG and STL gradients.
     """
-    before = _CACHE["enabled"]
-    _CACHE["enabled"] = False
+    before = _CACHE["block"]
+    _CACHE["block"] = object()
     try:
         yield
     finally:
-        _CACHE["enabled"] = before
+        _CACHE["block"] = before
 
 
 class _CachedBijection(Transform):
@@ -80,8 +83,9 @@ class _CachedBijection(Transform):
         return tensors
 
     def _state(self, tensors: list[Tensor] | None = None) -> tuple:
-        """What a cache entry is valid for: grad mode, the flow's settings revision, and the
-        identity and in-place version of every parameter and of the context.
+        """What a cache entry is valid for: grad mode, the flow's settings revision, the
+        :func:`cache_disabled` block (if any), and the identity and in-place version of
+        every parameter and of the context.
 
         Identities matter as much as versions: :func:`torch.func.functional_call` (and
         ``torch.func.grad``) swap other tensors into the same modules, and a result computed
@@ -91,13 +95,14 @@ class _CachedBijection(Transform):
         return (
             torch.is_grad_enabled(),
             self._flow._revision,
+            _CACHE["block"],
             *(id(t) for t in tensors),
             *(t._version for t in tensors),
         )
 
     def _cached(self, position: int, tensor: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         last = self._last
-        if not _CACHE["enabled"] or last is None or last[position] is not tensor:
+        if last is None or last[position] is not tensor:
             return None
         if last[3] == self._state():
             return last[0], last[1], last[2]
@@ -135,8 +140,7 @@ class _CachedBijection(Transform):
             x, ladj = start, -self._last[2]
             self._store(x, y, -ladj)
             return x, ladj
-        solve = flow._backward if start is None else partial(flow._backward, start=start)
-        x, ladj = _finite_rows(solve, y, params) if flow._solves_backward else solve(y, params)
+        x, ladj = flow._solve_backward(y, params, start)
         self._store(x, y, -ladj)
         return x, ladj
 
@@ -248,6 +252,8 @@ class Flow(_CachedBijection, TransformModule):
     _solves_backward = False
     # whether ``_backward`` takes ``start``, a known solution whose Newton step it keeps
     _warm_starts = False
+    # whether ``_score_pullback`` is implemented
+    _pulls_back_scores = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Flow:
         if kwargs.get("context_dim") and not issubclass(cls, ConditionalTransformModule):
@@ -291,6 +297,22 @@ class Flow(_CachedBijection, TransformModule):
 
     def _backward(self, y: Tensor, params: Any) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no inverse")
+
+    def _solve_backward(
+        self, y: Tensor, params: Any, start: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``_backward`` uncached, a row that is not finite giving NaN for that row alone
+        where the inverse is an iterative solve."""
+        solve = self._backward if start is None else partial(self._backward, start=start)
+        return _finite_rows(solve, y, params) if self._solves_backward else solve(y, params)
+
+    def _score_pullback(self, x: Tensor, params: Any, score: Tensor) -> Tensor:
+        """``J⁻ᵀ (score - ∇ log|det J|)`` at ``x``, ``J`` the Jacobian of the forward map: the
+        score ``∇ log q`` of the density after this layer at ``f(x)``, given ``score``, the
+        score of the density before it at ``x``, without a graph. A density with stopped
+        parameters is then its value plus this score times the sample's displacement: the
+        path derivative (STL, DReG) without an inverse (Vaitl et al., 2024)."""
+        raise NotImplementedError(f"{type(self).__name__} has no score pullback")
 
     def _resolve_params(self, context: Tensor | None) -> Any:
         if self.context_dim and context is None:

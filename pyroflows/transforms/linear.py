@@ -25,6 +25,8 @@ class ActNorm(Flow):
     True
     """
 
+    _pulls_back_scores = True
+
     def __init__(
         self,
         dim: int,
@@ -69,6 +71,10 @@ class ActNorm(Flow):
         x = y * (-p["log_scale"]).exp() - p["shift"]
         return x, -p["log_scale"].sum(-1).expand(x.shape[:-1])
 
+    def _score_pullback(self, x: Tensor, context: Tensor | None, score: Tensor) -> Tensor:
+        with torch.no_grad():  # J = diag(exp(log_scale)), log|det J| constant in x
+            return score * (-self.params(context)["log_scale"]).exp()
+
 
 class LULinear(Flow):
     r"""``y = P L (U + diag(sign ⊙ exp(log_diag))) x``, Glow's invertible linear map in LU form.
@@ -84,6 +90,8 @@ class LULinear(Flow):
     >>> torch.allclose(t.inv(t(x).clone()), x, atol=1e-5)
     True
     """
+
+    _pulls_back_scores = True
 
     def __init__(self, dim: int, *, context_dim: int = 0, hidden_dims: Sequence[int] = ()) -> None:
         super().__init__(dim, context_dim=context_dim)
@@ -129,3 +137,11 @@ class LULinear(Flow):
         z = torch.linalg.solve_triangular(lower, z, upper=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper, z, upper=True).squeeze(-1)
         return x, -ladj.expand(x.shape[:-1])
+
+    def _score_pullback(self, x: Tensor, p: tuple[Tensor, Tensor, Tensor], score: Tensor) -> Tensor:
+        # J = S L U with S the row selection: J⁻ᵀ g = S L⁻ᵀ U⁻ᵀ g; log|det J| constant in x
+        lower, upper, _ = p
+        with torch.no_grad():
+            a = torch.linalg.solve_triangular(upper.mT, score.unsqueeze(-1), upper=False)
+            b = torch.linalg.solve_triangular(lower.mT, a, upper=True, unitriangular=True)
+            return b.squeeze(-1)[..., self.permutation]

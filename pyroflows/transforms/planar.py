@@ -36,6 +36,7 @@ class Planar(Flow):
 
     _solves_backward = True
     _warm_starts = True
+    _pulls_back_scores = True
 
     def __init__(self, dim: int, *, context_dim: int = 0, hidden_dims: Sequence[int] = ()) -> None:
         super().__init__(dim, context_dim=context_dim)
@@ -90,3 +91,14 @@ class Planar(Flow):
         a = torch.tanh(alpha + b)
         x = y - p["u"] * a.unsqueeze(-1)
         return x, -self._slope(a, p).log()
+
+    def _score_pullback(self, x: Tensor, p: Params, score: Tensor) -> Tensor:
+        # J = I + (1 - a²) û wᵀ: Jᵀ's inverse by Sherman-Morrison, with 1 + (1 - a²) wᵀû
+        # the slope; log|det J| = log slope has gradient -2a (1 - a²) wᵀû / slope · w
+        with torch.no_grad():
+            a = torch.tanh((x * p["w"]).sum(-1) + p["b"])
+            slope, tangent = self._slope(a, p), 1 - a * a
+            grad = (-2 * a * tangent * p["wu"] / slope).unsqueeze(-1) * p["w"]
+            v = score - grad
+            coef = tangent * (p["u"] * v).sum(-1) / slope
+            return v - coef.unsqueeze(-1) * p["w"]

@@ -30,6 +30,8 @@ class Radial(Flow):
     True
     """
 
+    _pulls_back_scores = True
+
     def __init__(self, dim: int, *, context_dim: int = 0, hidden_dims: Sequence[int] = ()) -> None:
         super().__init__(dim, context_dim=context_dim)
         self.params = ParameterMap(
@@ -68,3 +70,20 @@ class Radial(Flow):
         beta_h = beta * h
         x = p["center"] + diff / (1 + beta_h).unsqueeze(-1)
         return x, -self._ladj(h, beta_h, p)
+
+    def _score_pullback(self, x: Tensor, p: Params, score: Tensor) -> Tensor:
+        # J = (1 + βh) I - βh² d dᵀ / r with d = x - x₀ (symmetric): its inverse by
+        # Sherman-Morrison, whose denominator is 1 + αβh²; log|det J| depends on r alone
+        with torch.no_grad():
+            alpha, beta = p["alpha"], p["beta"]
+            diff = x - p["center"]
+            r = torch.linalg.vector_norm(diff, dim=-1)
+            h = torch.reciprocal(alpha + r)
+            beta_h = beta * h
+            d_ladj = -(self.dim - 1) * beta_h * h / (1 + beta_h) - 2 * alpha * beta_h * h * h / (
+                1 + alpha * beta_h * h
+            )
+            unit = diff / r.clamp_min(torch.finfo(r.dtype).tiny).unsqueeze(-1)
+            v = score - d_ladj.unsqueeze(-1) * unit
+            along = (unit * v).sum(-1) * (-beta_h * h * r) / (1 + alpha * beta_h * h)
+            return (v - along.unsqueeze(-1) * unit) / (1 + beta_h).unsqueeze(-1)

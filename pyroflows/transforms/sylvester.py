@@ -49,6 +49,7 @@ class Sylvester(Flow):
 
     _solves_backward = True
     _warm_starts = True
+    _pulls_back_scores = True
 
     def __init__(
         self,
@@ -156,6 +157,20 @@ class Sylvester(Flow):
         a = torch.tanh(matvec(rt, v) + b)
         x = y + self._from_basis(v - w, p)
         return x, -torch.log1p((1 - a * a) * p["diag"]).sum(-1)
+
+    def _score_pullback(self, x: Tensor, p: Params, score: Tensor) -> Tensor:
+        # Jᵀ = I + Aᵀ diag(1 - a²) Bᵀ with A = Q R (out) and B = R̃ Qᵀ (into): Woodbury,
+        # whose inner matrix I + diag(1 - a²) Rᵀ R̃ᵀ is m x m and lower triangular
+        with torch.no_grad():
+            a = torch.tanh(matvec(p["into"], x, p["b"]))
+            tangent = 1 - a * a
+            grad = -2 * a * tangent * p["diag"] / (1 + tangent * p["diag"])
+            v = score - matvec(p["into"].mT, grad)
+            eye = torch.eye(self.num_columns, dtype=x.dtype, device=x.device)
+            inner = eye + tangent.unsqueeze(-1) * (p["r"].mT @ p["rt"].mT)
+            rhs = (tangent * matvec(p["out"].mT, v)).unsqueeze(-1)
+            c = torch.linalg.solve_triangular(inner, rhs, upper=False).squeeze(-1)
+            return v - matvec(p["into"].mT, c)
 
     def _solve(self, w: Tensor, p: Params) -> Tensor:
         """``v`` with ``v + R tanh(R̃ v + b) = w``, by back-substitution, without gradients."""
