@@ -50,8 +50,9 @@ class MADE(nn.Module):
     each depends only on the inputs before ``i`` in the order ``permutation``, and on the
     whole context when ``context_dim > 0`` (Paige and Wood, 2016); context and input batch
     shapes broadcast, and the context's share of the first layer is computed once per
-    context rather than once per sample. The masks are Pyro's; the layers are applied
-    directly rather than through ``nn.Module.__call__``.
+    context rather than once per sample. The masks and the initialisation are Pyro's; the
+    weights and biases are views of one flat parameter (``params``, see
+    :class:`ParameterMap`: Pyro's optimizers keep an optimizer per tensor), applied directly.
 
     >>> net = MADE(3, (8,), outputs=2)
     >>> m, s = net(torch.randn(5, 3))
@@ -77,7 +78,13 @@ class MADE(nn.Module):
         masks, _ = create_mask(dim, context_dim, hidden, permutation, outputs)
         dims = (dim + context_dim, *hidden, outputs * dim)
         pairs = zip(itertools.pairwise(dims), masks, strict=True)
-        self.layers = nn.ModuleList(MaskedLinear(a, b, mask) for (a, b), mask in pairs)
+        layers = [MaskedLinear(a, b, mask) for (a, b), mask in pairs]  # Pyro's initialisation
+        init = {}
+        for i, layer in enumerate(layers):
+            init[f"weight{i}"], init[f"bias{i}"] = layer.weight.detach(), layer.bias.detach()
+            self.register_buffer(f"mask{i}", layer.mask.clone())
+        self.params = ParameterMap(init)  # one tensor for an optimizer to update
+        self.depth = len(layers)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
         return self.bind(context)(x)
@@ -93,14 +100,15 @@ class MADE(nn.Module):
         ``i`` by ``x_j``), without a graph: the product of the masked weights and the ReLUs'
         gates, one matrix product per layer where autograd would take ``dim``
         vector-Jacobian products."""
-        first, *rest = self.layers
-        weight = first.weight * first.mask
+        p = self.params.free()
+        (weight, bias), *others = [
+            (p[f"weight{i}"] * getattr(self, f"mask{i}"), p[f"bias{i}"]) for i in range(self.depth)
+        ]
         if context is None:
-            first_weight, first_bias = weight, first.bias
+            first_weight, first_bias = weight, bias
         else:  # the context's term once per context, not once per sample: W [c; x] + b
             k = context.shape[-1]
-            first_weight, first_bias = weight[:, k:], F.linear(context, weight[:, :k], first.bias)
-        others = [(layer.weight * layer.mask, layer.bias) for layer in rest]
+            first_weight, first_bias = weight[:, k:], F.linear(context, weight[:, :k], bias)
         shape = (self.outputs, self.dim)
 
         def run(x: Tensor, jacobian: bool = False) -> Any:

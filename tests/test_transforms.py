@@ -238,7 +238,7 @@ def test_score_pullback_matches_autograd(case: Case, saturated: bool):
         if not isinstance(flow, Autoregressive):
             pytest.skip("no clamp to saturate")
         with torch.no_grad():
-            flow.net.layers[-1].weight.mul_(20)
+            flow.net.params.free()[f"weight{flow.net.depth - 1}"].mul_(20)
     torch.manual_seed(5)
     radii = torch.tensor([[1.0], [1.5], [4.0], [8.0], [40.0]], dtype=f64)
     x = torch.randn(len(radii), DIM, dtype=f64) * radii
