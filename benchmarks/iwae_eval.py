@@ -3,13 +3,16 @@
     python benchmarks/iwae_eval.py [--device cuda] [--images 1000] [--samples 1000]
     python benchmarks/iwae_eval.py --device cuda --images 10000 --samples 5000  # the GPU aim
 
-The VAE has a 2-layer IAF posterior (encoder 784-300-300 giving the context, IAF networks of
-width 300, decoder 40-300-300-784 Bernoulli), freshly initialised: the figures are timings,
-not likelihoods. Contenders, each estimating log p(x) of the same test images with K samples
-drawn ``--chunk`` at a time:
+The VAE is :class:`pyroflows.vae.VAE` with a 2-layer IAF posterior (encoder 784-300-300
+giving the context, IAF networks of width 300, decoder 40-300-300-784 Bernoulli), freshly
+initialised: the figures are timings, not likelihoods. Contenders, each estimating log p(x)
+of the same test images with K samples drawn ``--chunk`` at a time:
 
-- ``pyroflows``: ``pyroflows.infer.log_marginal_likelihood`` (``max_plate_nesting=1`` given, as
-  to Pyro's ELBO); ``pyroflows-1chunk``: the same with all K samples in one chunk;
+- ``pyroflows``: ``pyroflows.infer.log_marginal_likelihood(vae.model, vae.guide, ...)``,
+  which takes the VAE's own log weights (``VAE.log_weights``, no Pyro tracing);
+  ``pyroflows-1chunk``: the same with all K samples in one chunk;
+- ``pyroflows-traced``: the same call on ``lambda x: vae.model(x)``, any Pyro model's path
+  (traced through Pyro, ``max_plate_nesting=1`` given, as to Pyro's ELBO);
 - ``torch-loop``: a hand-written chunked torch loop over the same modules (no Pyro);
 - ``pyro-renyi``: Pyro's ``RenyiELBO(alpha=0)`` with vectorized particles, Pyro's fastest path
   (one image per call, all K particles at once: its memory grows with K);
@@ -42,74 +45,59 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import Importance, RenyiELBO
-from torch import nn
 
-from pyroflows import AmortizedFlowGuide
 from pyroflows.infer import log_marginal_likelihood
+from pyroflows.vae import VAE
 from pyroflows.vae import load as load_images
 
 LATENT = 40
 
 
-class Decoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(LATENT, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 784)
-        )
-
-    def model(self, x: torch.Tensor) -> None:
-        pyro.module("decoder", self)
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(LATENT), 1.0).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.net(z)).to_event(1), obs=x)
-
-
-def torch_loop(decoder: Decoder, guide: AmortizedFlowGuide, x: torch.Tensor, k: int, chunk: int):
+def torch_loop(vae: VAE, x: torch.Tensor, k: int, chunk: int):
     """The same estimate without Pyro: chunked samples, running logsumexp."""
-    q = guide.posterior(x)
+    q = vae.guide.posterior(x)
     prior = dist.Normal(x.new_zeros(LATENT), 1.0).to_event(1)
     total = None
     for start in range(0, k, chunk):
         z = q.rsample((min(chunk, k - start),))
-        log_w = prior.log_prob(z) + dist.Bernoulli(logits=decoder.net(z)).to_event(1).log_prob(x)
+        log_w = prior.log_prob(z) + dist.Bernoulli(logits=vae.decoder(z)).to_event(1).log_prob(x)
         log_w = torch.logsumexp(log_w - q.log_prob(z), 0)
         total = log_w if total is None else torch.logaddexp(total, log_w)
     return total - math.log(k)
 
 
 def build(args: argparse.Namespace, device: torch.device):
-    """Test images, the model and the guide, the same in every process."""
+    """Test images and the VAE, the same in every process."""
     if not args.data.exists():
         sys.exit(f"skipped: {args.data} not found (statically binarized MNIST, see shared/data)")
     x = load_images(args.data).test[: max(args.images, args.single_images)]
     torch.manual_seed(0)
-    decoder = Decoder()
-    encoder = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU())
-    guide = AmortizedFlowGuide(encoder, LATENT, 300, flow="iaf", num_layers=2, hidden_dims=(300,))
-    return x.to(device), decoder.to(device), guide.to(device)
+    vae = VAE((28, 28), latent_dim=LATENT, flow="iaf", num_layers=2, hidden_dim=300,
+              hidden_dims=(300,))  # fmt: skip
+    return x.to(device), vae.to(device)
 
 
-def contenders(args, x, decoder, guide, case: str, k: int) -> dict[str, tuple[int, Callable]]:
+def contenders(args, x, vae: VAE, case: str, k: int) -> dict[str, tuple[int, Callable]]:
     """name: (images, the call estimating their log p(x) with k samples)."""
-    model, chunk = decoder.model, args.chunk
+    guide, chunk = vae.guide, args.chunk
     if case == "batch":
         batches = x[: args.images].split(args.image_batch)
     else:
         batches = x[: args.single_images].split(1)
     n = sum(len(b) for b in batches)
 
-    def ours(chunk_size: int) -> Callable:
+    def ours(chunk_size: int, model: Callable = vae.model) -> Callable:
         return lambda: [log_marginal_likelihood(model, guide, b, num_samples=k,
                         chunk_size=chunk_size, max_plate_nesting=1) for b in batches]  # fmt: skip
 
     out = {
         "pyroflows": (n, ours(chunk)),
-        "torch-loop": (n, lambda: [torch_loop(decoder, guide, b, k, chunk) for b in batches]),
+        "pyroflows-traced": (n, ours(chunk, lambda b: vae.model(b))),
+        "torch-loop": (n, lambda: [torch_loop(vae, b, k, chunk) for b in batches]),
     }
     if case == "single":  # Pyro's fastest path, and ours at its memory (one chunk of K)
         renyi = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
-        out["pyro-renyi"] = (n, lambda: [renyi.loss(model, guide, b) for b in batches])
+        out["pyro-renyi"] = (n, lambda: [renyi.loss(vae.model, guide, b) for b in batches])
         out["pyroflows-1chunk"] = (n, ours(k))
     return out
 
@@ -129,15 +117,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", "log_marginal_likelihood: importance ESS")  # untrained
     device = common.cuda_device(args.device)
-    x, decoder, guide = build(args, device)
+    x, vae = build(args, device)
     k = args.samples
     rows = []
     print(
-        f"{'case':15}{'contender':17}{'images':>7}{'ms/image':>10}{'peak MiB':>10}"
+        f"{'case':15}{'contender':18}{'images':>7}{'ms/image':>10}{'peak MiB':>10}"
         f"  {'vs torch-loop [spread]':24}{'vs pyro-renyi [spread]'}"
     )
     for case, label in (("batch", f"{args.image_batch} img/call"), ("single", "1 img/call")):
-        calls = contenders(args, x, decoder, guide, case, k)
+        calls = contenders(args, x, vae, case, k)
         with torch.no_grad():
             for _, call in calls.values():  # warm-up, untimed
                 call()
@@ -157,7 +145,7 @@ def main() -> None:
             }  # fmt: skip
             rows.append(row)
             print(
-                f"{label:15}{name:17}{n:7d}{row['ms_per_image']:10.3f}{row['peak_mib']:10.1f}"
+                f"{label:15}{name:18}{n:7d}{row['ms_per_image']:10.3f}{row['peak_mib']:10.1f}"
                 f"  {common.ratio_text(row['ratio_to_torch_loop']):24}"
                 f"{common.ratio_text(row['ratio_to_pyro_renyi'])}"
             )
@@ -165,7 +153,7 @@ def main() -> None:
     one = x[:1]
     common.sync(device)
     start = time.perf_counter()
-    Importance(decoder.model, guide, num_samples=k).run(one).get_log_normalizer()
+    Importance(vae.model, vae.guide, num_samples=k).run(one).get_log_normalizer()
     common.sync(device)
     importance_ms = 1e3 * (time.perf_counter() - start)
     single = next(r for r in rows if r["case"] == "1 img/call" and r["contender"] == "pyroflows")

@@ -316,13 +316,16 @@ class AmortizedFlowGuide(nn.Module):
         """One reparameterized draw ``z ~ q(z | x)`` per row of ``x`` and its ``log q(z |
         x)``, computed together in one pass without building distributions: the same
         values as ``posterior(x).rsample()`` and its ``log_prob``, for hand-written losses.
-        ``noise`` gives the base's standard normal draws (``(*batch, latent_dim)``) instead
-        of fresh ones."""
+        ``noise`` gives the base's standard normal draws (``(*sample, *batch, latent_dim)``,
+        ``sample`` draws per row) instead of one fresh draw per row."""
         h, loc, scale = self._encode(x)
         if noise is None:
             eps = torch.randn_like(loc)
-        elif noise.shape != loc.shape:
-            raise ValueError(f"noise must have shape {tuple(loc.shape)}, got {tuple(noise.shape)}")
+        elif noise.shape[noise.dim() - loc.dim() :] != loc.shape:
+            raise ValueError(
+                f"noise must have shape (*sample, {', '.join(map(str, loc.shape))}), got "
+                f"{tuple(noise.shape)}"
+            )
         else:
             eps = noise
         z = loc + scale * eps

@@ -51,6 +51,31 @@ def test_fast_loss_equals_the_pyro_objective_in_value_and_gradients(flow, kl_wei
     assert all(g.abs().sum() > 0 for g in fast_grads)  # every parameter group is reached
 
 
+@pytest.mark.parametrize("flow", ["none", "iaf", "planar", "sylvester-o", "cnf"])
+def test_log_p_x_through_the_vae_own_weights_equals_the_traced_path(flow, monkeypatch):
+    """``log_marginal_likelihood(vae.model, vae.guide, x)`` takes ``VAE.log_weights``, no
+    Pyro trace: from the same seed it gives the traced path's estimates (the same draws),
+    chunk by chunk; the same model wrapped in a function is traced."""
+    torch.manual_seed(0)
+    options = {"rtol": 1e-9, "atol": 1e-9} if flow == "cnf" else {}
+    vae = VAE((4, 4), flow=flow, num_layers=1 if flow == "cnf" else 2, **SMALL, **options)
+    vae = vae.double()
+    x = torch.bernoulli(torch.full((5, 16), 0.4, dtype=torch.float64))
+    calls = []
+    own = VAE.log_weights
+    monkeypatch.setattr(VAE, "log_weights", lambda self, *a: calls.append(1) or own(self, *a))
+    settings = {"num_samples": 50, "chunk_size": 20, "max_plate_nesting": 1}
+    pyro.set_rng_seed(1)
+    direct = pf.infer.log_marginal_likelihood(vae.model, vae.guide, x, **settings)
+    assert len(calls) == 3  # chunks of 20, 20 and 10
+    pyro.set_rng_seed(1)
+    traced = pf.infer.log_marginal_likelihood(lambda x: vae.model(x), vae.guide, x, **settings)
+    assert len(calls) == 3
+    for a, b in zip(direct, traced, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert direct.log_px.shape == (5,) and (direct.log_px > direct.elbo).all()
+
+
 @pytest.mark.parametrize("flow", POSTERIORS)
 def test_every_posterior_trains_a_step_and_evaluates(flow, digits, tmp_path):
     options = {"num_layers": 1, "hidden_dims": (8,)} if flow == "cnf" else {"num_layers": 2}

@@ -49,6 +49,8 @@ def log_marginal_likelihood(
     latents they are scalars for the whole data set. ``max_plate_nesting`` is guessed from
     one trace when not given. With ``num_samples=1`` the standard error is NaN, and an
     importance ESS below ``MIN_ESS`` (10) for any estimate gives a :class:`RuntimeWarning`.
+    For ``vae.model`` and ``vae.guide`` of a :class:`pyroflows.vae.VAE` the weights come from
+    ``vae.log_weights`` without Pyro's tracing: the same weights from the same draws.
 
     >>> import pyro, pyro.distributions as dist
     >>> from pyroflows import AutoFlow
@@ -64,7 +66,10 @@ def log_marginal_likelihood(
     _checks.positive_int("chunk_size", chunk_size)
     log_sum = log_sum_sq = None
     done, checked, total = 0, False, 0.0
-    if max_plate_nesting is None:  # the run that finds the nesting gives the first sample
+    direct = _direct_weights(model, guide, args, kwargs)
+    if direct is not None:
+        nesting = 0
+    elif max_plate_nesting is None:  # the run that finds the nesting gives the first sample
         nesting, values = _first_sample(model, guide, args, kwargs)
         log_sum, log_sum_sq, total = values[0], 2 * values[0], values[0]
         done = 1
@@ -72,12 +77,14 @@ def log_marginal_likelihood(
         nesting = _checks.nonnegative_int("max_plate_nesting", max_plate_nesting) + 1
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        # Pyro's checks on the first chunk; later ones run the same code on fresh samples
-        draw = _unchecked_traces if checked else w.traces
-        traces = draw(model, guide, args, kwargs, k, nesting)
-        checked = True
-        values = w.log_weights(*traces, nesting).values
-        del traces  # free this chunk's traces before the next chunk is drawn
+        if direct is not None:
+            values = direct(k)
+        else:  # Pyro's checks on the first chunk; later ones run the same code on fresh samples
+            draw = _unchecked_traces if checked else w.traces
+            traces = draw(model, guide, args, kwargs, k, nesting)
+            checked = True
+            values = w.log_weights(*traces, nesting).values
+            del traces  # free this chunk's traces before the next chunk is drawn
         total = total + values.sum(0)
         chunk = (torch.logsumexp(values, 0), torch.logsumexp(2 * values, 0))
         if log_sum is None:
@@ -102,6 +109,19 @@ def log_marginal_likelihood(
             stacklevel=3,  # the caller, past torch.no_grad's wrapper
         )
     return LogMarginal(log_sum - math.log(num_samples), stderr, ess, total / num_samples)
+
+
+def _direct_weights(model, guide, args, kwargs) -> Callable[[int], Tensor] | None:
+    """``k ↦`` the log weights of ``k`` draws, where ``model`` is the ``model`` method of an
+    object whose ``guide`` is ``guide`` and which computes them itself
+    (``log_weights(x, num_particles)``: :class:`pyroflows.vae.VAE`), else ``None``."""
+    owner = getattr(model, "__self__", None)
+    log_weights = getattr(owner, "log_weights", None)
+    if getattr(model, "__name__", None) != "model" or not callable(log_weights):
+        return None
+    if getattr(owner, "guide", None) is not guide or len(args) != 1 or kwargs:
+        return None
+    return lambda k: log_weights(args[0], k)
 
 
 def _first_sample(model, guide, args, kwargs) -> tuple[int, Tensor]:

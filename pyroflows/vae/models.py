@@ -113,14 +113,26 @@ class VAE(nn.Module):
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per image, at one draw ``z ~ q(z | x)`` (from the standard normal ``noise`` of
-        shape ``(batch, latent_dim)`` where given): ``log p(x | z)`` and ``log q(z | x) -
-        log p(z)``, the single-draw estimate of its KL."""
+        shape ``(*sample, batch, latent_dim)`` where given, ``sample`` draws per image):
+        ``log p(x | z)`` and ``log q(z | x) - log p(z)``, the single-draw estimate of its
+        KL, of shape ``(*sample, batch)``."""
         z, log_q = self.guide.rsample_and_log_prob(x, noise)
         log_prior = -0.5 * z.square().sum(-1) - HALF_LOG_2PI * self.latent_dim
+        logits = self.decoder(z)
         likelihood = -F.binary_cross_entropy_with_logits(
-            self.decoder(z), x, reduction="none"
+            logits, x.expand(logits.shape), reduction="none"
         ).sum(-1)  # fmt: skip
         return likelihood, log_q - log_prior
+
+    def log_weights(self, x: Tensor, num_particles: int) -> Tensor:
+        """``log p(x, z) - log q(z | x)`` at ``num_particles`` draws ``z ~ q(z | x)`` per
+        image, shape ``(num_particles, batch)``: the importance weights of
+        :func:`~pyroflows.infer.log_marginal_likelihood`, which takes this method for the
+        VAE's ``model`` and ``guide`` instead of tracing them through Pyro (the same weights
+        from the same draws, tested)."""
+        noise = x.new_empty(num_particles, x.shape[0], self.latent_dim).normal_()
+        likelihood, kl = self(x, noise)
+        return likelihood - kl
 
     def loss(self, x: Tensor, kl_weight: float = 1.0, free_bits: float = 0.0) -> Tensor:
         """``-(E_q[log p(x | z)] - kl_weight * KL)`` summed over the batch, one draw of
