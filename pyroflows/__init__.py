@@ -1,7 +1,8 @@
 """Normalizing flows for variational inference in Pyro."""
 
 from . import density, diagnostics, distributed, flows, infer, targets, transforms, vae
-from .autoguide import AmortizedFlowGuide, AutoFlow
+from .amortized import AmortizedFlowGuide
+from .autoguide import AutoFlow
 from .density import fit_data
 from .fit import FitResult, fit
 from .flows import build

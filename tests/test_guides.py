@@ -67,7 +67,13 @@ def test_given_noise_gives_the_draw_of_the_same_noise():
     given = guide.rsample_and_log_prob(x, torch.randn(3, 2))
     for a, b in zip(drawn, given, strict=True):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match=r"noise must have shape \(3, 2\), got \(3, 1\)"):
+    noise = torch.randn(4, 3, 2)  # several draws per row: each as if drawn alone
+    z, log_q = guide.rsample_and_log_prob(x, noise)
+    assert z.shape == (4, 3, 2) and log_q.shape == (4, 3)
+    for k in range(4):
+        for a, b in zip((z[k], log_q[k]), guide.rsample_and_log_prob(x, noise[k]), strict=True):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"noise must have shape \(\*sample, 3, 2\), got \(3, 1\)"):
         guide.rsample_and_log_prob(x, torch.randn(3, 1))
 
 

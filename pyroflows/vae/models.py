@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from ..autoguide import HALF_LOG_2PI, AmortizedFlowGuide
+from ..amortized import AmortizedFlowGuide
+from ..autoguide import HALF_LOG_2PI
 from ..flows import RECIPES
 from ..infer.objectives import kl_with_free_bits
 
@@ -102,14 +103,15 @@ class VAE(nn.Module):
         return x
 
     def model(self, x: Tensor) -> Tensor:
-        """The generative model; returns the decoder's pixel probabilities."""
+        """The generative model; returns the decoder's logits (``sigmoid`` gives the pixel
+        probabilities), which cost no allocation of their own."""
         pyro.module("decoder", self.decoder)
         prior = dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", prior)
             logits = self.decoder(z)
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
-        return torch.sigmoid(logits)
+        return logits
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per image, at one draw ``z ~ q(z | x)`` (from the standard normal ``noise`` of
