@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _checks
+from ._random import seeded
 from .infer.evaluation import LogMarginal
 from .infer.evaluation import log_marginal_likelihood as _log_marginal_likelihood
 
@@ -101,19 +102,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-@contextmanager
-def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """The block drawn from ``seed`` (the CPU generator and ``device``'s), the generators'
-    states restored after it; ``None`` leaves them alone."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 @torch.no_grad()

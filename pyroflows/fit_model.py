@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import diagnostics, distributed
+from ._random import seeded
 from .autoguide import AutoFlow
 from .infer import ELBO, IWAE
 from .infer import weights as w
@@ -64,7 +65,7 @@ def fit_model(
     # inside its trace, so they cannot be shared out), from a stream forked off the common
     # seed; the common stream continues afterwards, so every rank evaluates the fit alike
     own = torch.randint(2**62, ()).item() + rank if world > 1 else None
-    with distributed.seeded(own, device):
+    with seeded(own, device):
         losses, stopped = optimize(loss_at, guide, make_optimizer, steps, progress,
                                    sharded=world > 1)  # fmt: skip
     samples, log_w, _ = w.weighted_draws(model, guide, args, kwargs, num_eval)

@@ -116,7 +116,8 @@ class MADE(nn.Module):
                 h = F.linear(x, first_weight, first_bias)
             else:
                 h = F.linear(x, first_weight) + first_bias
-            jac_t = first_weight.detach().t()  # the Jacobian transposed: (..., dim, units)
+            # the Jacobian transposed: (..., dim, units)
+            jac_t = first_weight.detach().t() if jacobian else None
             for weight, bias in others:
                 if jacobian:
                     jac_t = F.linear(jac_t * (h.detach() > 0).unsqueeze(-2), weight.detach())

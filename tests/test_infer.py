@@ -406,7 +406,8 @@ def test_amortized_guide_recipes_under_dreg_and_stl(name, data):
 
 @pytest.mark.parametrize("estimator", ["standard", "dreg"])
 def test_chunked_iwae_gradient_equals_one_graph_over_the_same_samples(estimator, data):
-    from pyroflows.infer.objectives import _bound, _seeded
+    from pyroflows._random import seeded
+    from pyroflows.infer.objectives import _bound
 
     encoder = nn.Sequential(nn.Linear(2, 8), nn.Tanh())
     guide = AmortizedFlowGuide(encoder, latent_dim=2, context_dim=8, flow="planar")
@@ -420,12 +421,10 @@ def test_chunked_iwae_gradient_equals_one_graph_over_the_same_samples(estimator,
     guide.zero_grad()
     torch.manual_seed(11)
     seeds = torch.randint(2**62, (3,)).tolist()
-    parts = [
-        _seeded(
-            s, lambda k=k: chunked._weights(local_model, guide, (data,), {}, estimator == "dreg", k)
-        )
-        for s, k in zip(seeds, (3, 3, 1), strict=True)
-    ]
+    parts = []
+    for s, k in zip(seeds, (3, 3, 1), strict=True):
+        with seeded(s):
+            parts.append(chunked._weights(local_model, guide, (data,), {}, estimator == "dreg", k))
     values = torch.cat([lw.values for lw in parts])
     normalized = torch.softmax(values.detach(), 0).split([3, 3, 1])
     surrogate = sum(

@@ -117,7 +117,7 @@ def _direct_weights(model, guide, args, kwargs) -> Callable[[int], Tensor] | Non
     (``log_weights(x, num_particles)``: :class:`pyroflows.vae.VAE`), else ``None``."""
     owner = getattr(model, "__self__", None)
     log_weights = getattr(owner, "log_weights", None)
-    if getattr(model, "__name__", None) != "model" or not callable(log_weights):
+    if not callable(log_weights) or getattr(owner, "model", None) != model:
         return None
     if getattr(owner, "guide", None) is not guide or len(args) != 1 or kwargs:
         return None

@@ -11,6 +11,7 @@ from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 
 from .. import _checks
+from .._random import seeded
 from . import weights as w
 
 
@@ -161,7 +162,8 @@ class IWAE(_Weighted):
             values, scale = self._all_values(model, guide, args, kwargs, seeds)
         normalized = torch.softmax(values, 0).split(self._chunks())
         for seed, k, weights in zip(seeds, self._chunks(), normalized, strict=True):
-            lw = _seeded(seed, lambda k=k: self._weights(model, guide, args, kwargs, stopped, k))
+            with seeded(seed):
+                lw = self._weights(model, guide, args, kwargs, stopped, k)
             (-self._surrogate(lw, weights, model, args, kwargs)).backward()
         return self._finish(_bound(values, scale), None)
 
@@ -172,24 +174,15 @@ class IWAE(_Weighted):
         return torch.randint(2**62, (len(self._chunks()),)).tolist()
 
     def _all_values(self, model, guide, args, kwargs, seeds) -> tuple[torch.Tensor, float]:
-        parts = [
-            _seeded(seed, lambda k=k: self._weights(model, guide, args, kwargs, False, k))
-            for seed, k in zip(seeds, self._chunks(), strict=True)
-        ]
+        parts = []
+        for seed, k in zip(seeds, self._chunks(), strict=True):
+            with seeded(seed):
+                parts.append(self._weights(model, guide, args, kwargs, False, k))
         return torch.cat([lw.values for lw in parts]), parts[0].scale
 
 
 def _bound(values: torch.Tensor, scale: float) -> torch.Tensor:
     return (torch.logsumexp(values, 0) - math.log(values.shape[0])).sum() * scale
-
-
-def _seeded(seed: int | None, fn):
-    """``fn()`` with the torch generator seeded by ``seed`` (left alone when ``None``)."""
-    if seed is None:
-        return fn()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return fn()
 
 
 def kl_with_free_bits(kl: torch.Tensor, free_bits: float) -> torch.Tensor:

@@ -168,7 +168,9 @@ class Autoregressive(Flow):
         sensitivities to its own input and network outputs.
         """
         start = start.detach()
-        out, log_derivative, upper, grad_log_derivative = self._linearised(start, net)
+        params, net_jac = net(start, jacobian=True)
+        out, log_derivative = self._transform(start, params, inverse=False)
+        upper, grad_log_derivative = self._jacobian(start, params, net_jac)
         residual = (y - out)[..., self._permutation].unsqueeze(-1)
         step = torch.linalg.solve_triangular(upper.mT, residual, upper=False).squeeze(-1)
         step = step[..., self._unpermutation]
@@ -177,24 +179,22 @@ class Autoregressive(Flow):
 
     def _score_pullback(self, x: Tensor, context: Tensor | None, score: Tensor) -> Tensor:
         with torch.no_grad():
-            _, _, upper, grad_log_derivative = self._linearised(x, self._bind(context))
+            upper, grad_log_derivative = self._jacobian(x, *self._bind(context)(x, jacobian=True))
             rhs = (score - grad_log_derivative)[..., self._permutation].unsqueeze(-1)
             out = torch.linalg.solve_triangular(upper, rhs, upper=True).squeeze(-1)
         return out[..., self._unpermutation]
 
-    def _linearised(self, x: Tensor, net: Callable) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The forward map at ``x`` and its log-derivative per coordinate (with a graph to
-        the parameters), then without a graph its Jacobian's transpose permuted to upper
-        triangular and the gradient of the summed log-derivative in ``x``."""
-        params, net_jac = net(x, jacobian=True)  # [j, k, i]: ∂ output k at i / ∂x_j
-        out, log_derivative = self._transform(x, params, inverse=False)
-        with torch.no_grad():
-            dy, dy_params, dl, dl_params = self._sensitivities(x, params)
-            jac_t = torch.diag_embed(dy) + (dy_params.unsqueeze(-3) * net_jac).sum(-2)
-            grad_log_derivative = dl + (dl_params.unsqueeze(-3) * net_jac).sum((-2, -1))
-            n = self.dim
-            upper = jac_t.flatten(-2)[..., self._upper_index].unflatten(-1, (n, n))
-        return out, log_derivative, upper, grad_log_derivative
+    @torch.no_grad()
+    def _jacobian(self, x: Tensor, params: Any, net_jac: Tensor) -> tuple[Tensor, Tensor]:
+        """The forward map's Jacobian at ``x``, transposed and permuted to upper triangular,
+        and the gradient in ``x`` of the summed log-derivative, without a graph, from the
+        network's outputs ``params`` and Jacobian ``net_jac`` (``[j, k, i]``: ∂ output
+        ``k`` at ``i`` / ∂x_j, :meth:`pyroflows.nn.MADE.bind`)."""
+        dy, dy_params, dl, dl_params = self._sensitivities(x, params)
+        jac_t = torch.diag_embed(dy) + (dy_params.unsqueeze(-3) * net_jac).sum(-2)
+        grad_log_derivative = dl + (dl_params.unsqueeze(-3) * net_jac).sum((-2, -1))
+        upper = jac_t.flatten(-2)[..., self._upper_index].unflatten(-1, (self.dim, self.dim))
+        return upper, grad_log_derivative
 
     def _sensitivities(self, x: Tensor, params: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Each coordinate's derivatives of its forward output ``y_i`` and log-derivative
@@ -238,4 +238,3 @@ class Autoregressive(Flow):
             new, log_derivative = self._elementwise(value, out, net, inverse)
             out = torch.where(position, new, out)
         return out, log_derivative.sum(-1)
-
