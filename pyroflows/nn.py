@@ -95,11 +95,14 @@ class MADE(nn.Module):
         inverse makes ``dim`` passes). With ``stacked`` it returns one view of shape
         ``(..., dim, outputs)`` rather than ``outputs`` tensors.
 
-        ``run(x, jacobian=True)`` also returns the outputs' Jacobian in ``x``, transposed,
-        of shape ``(..., dim, outputs, dim)`` (``[j, k, i]``: output ``k`` at coordinate
-        ``i`` by ``x_j``), without a graph: the product of the masked weights and the ReLUs'
-        gates, one matrix product per layer where autograd would take ``dim``
-        vector-Jacobian products."""
+        ``run(x, jacobian=True)`` also returns ``products(rows, vector, order=None)``, the
+        network's Jacobian in ``x`` applied to coefficients of the outputs' shape ``(...,
+        outputs, dim)``, without a graph, from the masked weights and the ReLUs' gates
+        (reverse accumulation, where autograd would take ``dim`` vector-Jacobian products):
+        ``(..., dim, dim)`` with entry ``[i, j] = Σ_k rows[k, i] ∂ output k at i / ∂x_j``
+        (each coordinate's own outputs; with ``order``, rows and columns taken in that
+        order, which for ``permutation`` makes it lower triangular), and ``(..., dim)``
+        with entry ``j = Σ_{k,i} vector[k, i] ∂ output k at i / ∂x_j``."""
         p = self.params.free()
         (weight, bias), *others = [
             (p[f"weight{i}"] * getattr(self, f"mask{i}"), p[f"bias{i}"]) for i in range(self.depth)
@@ -116,17 +119,37 @@ class MADE(nn.Module):
                 h = F.linear(x, first_weight, first_bias)
             else:
                 h = F.linear(x, first_weight) + first_bias
-            # the Jacobian transposed: (..., dim, units)
-            jac_t = first_weight.detach().t() if jacobian else None
+            gates = []
             for weight, bias in others:
                 if jacobian:
-                    jac_t = F.linear(jac_t * (h.detach() > 0).unsqueeze(-2), weight.detach())
+                    gates.append((h.detach() > 0).to(h.dtype))
                 h = F.linear(torch.relu(h), weight, bias)
             h = h.unflatten(-1, shape)
             out = h.movedim(-2, -1) if stacked else h.unbind(-2)
             if not jacobian:
                 return out
-            return out, jac_t.expand(*h.shape[:-2], *jac_t.shape[-2:]).unflatten(-1, shape)
+            weights = [first_weight.detach(), *(w.detach() for w, _ in others)]
+
+            def products(
+                rows: Tensor, vector: Tensor, order: Tensor | None = None
+            ) -> tuple[Tensor, Tensor]:
+                last = weights[-1].unflatten(0, shape)  # (outputs, dim, units)
+                first = weights[0]
+                if order is not None:
+                    rows, last, first = rows[..., order], last[:, order], first[:, order]
+                if self.outputs > 4:  # a spline's many outputs: one batched product
+                    r = torch.einsum("...ki,kiu->...iu", rows, last)
+                else:  # a few: multiply-adds, where a product over 2 terms runs slowly
+                    r = rows[..., 0, :, None] * last[0]
+                    for k in range(1, self.outputs):
+                        r.addcmul_(rows[..., k, :, None], last[k])
+                v = vector.flatten(-2) @ weights[-1]
+                for i in reversed(range(len(gates))):
+                    r = (r * gates[i].unsqueeze(-2)) @ (weights[i] if i else first)
+                    v = (v * gates[i]) @ weights[i]
+                return r, v
+
+            return out, products
 
         return run
 

@@ -428,7 +428,7 @@ def test_chunked_iwae_gradient_equals_one_graph_over_the_same_samples(estimator,
     values = torch.cat([lw.values for lw in parts])
     normalized = torch.softmax(values.detach(), 0).split([3, 3, 1])
     surrogate = sum(
-        chunked._surrogate(lw, n, local_model, (data,), {})
+        chunked._surrogate(lw, n)
         for lw, n in zip(parts, normalized, strict=True)
     )
     (-surrogate).backward()

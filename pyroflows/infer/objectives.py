@@ -19,6 +19,7 @@ class _Weighted(PyroELBO):
     """Shared by the objectives: vectorized particles, guessed plate nesting, checks."""
 
     estimators: tuple[str, ...] = ()
+    _scales_model_gradient = False  # DReG: the model replayed on gradient-scaled latents
 
     def __init__(
         self,
@@ -45,12 +46,13 @@ class _Weighted(PyroELBO):
     ) -> w.LogWeights:
         self._ensure_nesting(model, guide, args, kwargs)
         nesting, k = self._nesting, num_particles or self.num_particles
-        model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting)
+        scale = w.ModelGradientScale() if stopped and self._scales_model_gradient else None
+        model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting, scale)
         w.check_reparameterized(guide_trace)
         stopped_lp = None
         if stopped:
             stopped_lp = w.stopped_guide_log_probs(guide, guide_trace, args, kwargs, k, nesting)
-        return w.log_weights(model_trace, guide_trace, nesting, stopped_lp)
+        return w.log_weights(model_trace, guide_trace, nesting, stopped_lp, scale)
 
     def _finish(self, objective: torch.Tensor, surrogate: torch.Tensor | None) -> float:
         if surrogate is not None:
@@ -90,8 +92,9 @@ class IWAE(_Weighted):
     ``estimator="dreg"`` gives the doubly reparameterized gradients of Tucker et al. (2019)
     for the guide: ``Σ_k w̃ₖ² ∂ log wₖ/∂z ∂z/∂φ`` with the guide's density evaluated with its
     parameters stopped (lower variance, no signal-to-noise collapse as ``K`` grows); the
-    model keeps the standard ``Σ_k w̃ₖ ∇θ log p(x, zₖ)``. It costs one more guide pass (the
-    flow's inverse at the samples) and one more model pass.
+    model keeps the standard ``Σ_k w̃ₖ ∇θ log p(x, zₖ)``, from the same model pass: the
+    latents' gradient from the model is scaled by ``w̃ₖ`` on its way back. Its one extra
+    cost is the guide's density at its own samples with stopped parameters.
 
     ``chunk_size`` bounds memory for large ``K``: the particles are drawn ``chunk_size`` at a
     time, first without gradients to get the self-normalized weights over all ``K``, then
@@ -112,6 +115,10 @@ class IWAE(_Weighted):
 
     estimators = ("standard", "dreg")
 
+    @property
+    def _scales_model_gradient(self) -> bool:
+        return self.estimator == "dreg"
+
     def __init__(
         self,
         num_particles: int = 1,
@@ -129,14 +136,16 @@ class IWAE(_Weighted):
         k, c = self.num_particles, self.chunk_size or self.num_particles
         return [min(c, k - start) for start in range(0, k, c)]
 
-    def _surrogate(self, lw: w.LogWeights, normalized: torch.Tensor, model, args, kwargs):
+    def _surrogate(self, lw: w.LogWeights, normalized: torch.Tensor) -> torch.Tensor:
         """Σ w̃ ∇ log w (standard), or DReG's Σ w̃² ∇_z log w_stop + Σ (w̃ - w̃²) ∇θ log p,
         for particles whose self-normalized weights over all K are ``normalized``."""
         if self.estimator == "standard":
             return (normalized * lw.values).sum() * lw.scale
+        # the latents' gradient from the model is scaled by w̃ on its way back (see
+        # ModelGradientScale): log p gets w̃ in all, w̃ to θ and w̃² to z
+        lw.gradient_scale.weights = normalized.reshape(lw.shape)
         guide_part = (normalized.square() * lw.values).sum()
-        model_lp = w.model_log_density_at_stopped_latents(model, lw, args, kwargs)
-        model_part = ((normalized - normalized.square()) * model_lp).sum()
+        model_part = ((normalized - normalized.square()) * lw.log_p).sum()
         return (guide_part + model_part) * lw.scale
 
     def loss(self, model, guide, *args: Any, **kwargs: Any) -> float:
@@ -148,7 +157,7 @@ class IWAE(_Weighted):
     def _objective_and_surrogate(self, model, guide, args, kwargs):
         lw = self._weights(model, guide, args, kwargs, self.estimator != "standard")
         normalized = torch.softmax(lw.values.detach(), 0)
-        surrogate = self._surrogate(lw, normalized, model, args, kwargs)
+        surrogate = self._surrogate(lw, normalized)
         return _bound(lw.values.detach(), lw.scale), surrogate
 
     def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
@@ -164,7 +173,7 @@ class IWAE(_Weighted):
         for seed, k, weights in zip(seeds, self._chunks(), normalized, strict=True):
             with seeded(seed):
                 lw = self._weights(model, guide, args, kwargs, stopped, k)
-            (-self._surrogate(lw, weights, model, args, kwargs)).backward()
+            (-self._surrogate(lw, weights)).backward()
         return self._finish(_bound(values, scale), None)
 
     def _seeds(self, model, guide, args, kwargs) -> list[int | None]:

@@ -24,6 +24,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor, nn
 
 from ..transforms.base import cache_disabled
@@ -42,10 +43,20 @@ class LogWeights:
     model_trace: Any
     guide_trace: Any
     guide_log_probs: dict | None = None  # with stopped parameters, for DReG and STL
+    log_p: Tensor | None = None  # the model's part, log p(x, z), reduced like values
+    gradient_scale: ModelGradientScale | None = None  # where the model ran on scaled views
 
     @property
     def per_datum(self) -> bool:
         return bool(self.frames)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of ``values`` with its plates in place, of rank ``nesting``."""
+        shape = [self.values.shape[0], *[1] * (self.nesting - 1)]
+        for frame in self.frames:
+            shape[frame.dim] = frame.size
+        return tuple(shape)
 
 
 def _particles(fn: Callable, k: int, dim: int) -> Callable:
@@ -96,18 +107,61 @@ def _nesting(model_trace, guide_trace) -> int:
     return max(depths, default=0) + 1
 
 
-def traces(model, guide, args, kwargs, num_particles: int, nesting: int):
+def traces(
+    model, guide, args, kwargs, num_particles: int, nesting: int, scale=None
+) -> tuple[Any, Any]:
     """A guide trace with ``num_particles`` vectorized particles and the model replayed on it.
 
     ``nesting`` counts the plates including the particles' (Pyro's vectorized convention):
-    the particle plate is at ``dim=-nesting``.
+    the particle plate is at ``dim=-nesting``. With a :class:`ModelGradientScale`, the
+    model is replayed on views of the guide's values through which ``scale`` scales the
+    gradient that reaches them from the model.
     """
-    model_trace, guide_trace = get_importance_trace(
-        "flat", nesting, _particles(model, num_particles, -nesting),
-        _particles(guide, num_particles, -nesting), args, kwargs,
-    )  # fmt: skip
+    model = _particles(model, num_particles, -nesting)
+    guide = _particles(guide, num_particles, -nesting)
+    if scale is None:
+        model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
+    else:  # Pyro's get_importance_trace, replaying the model on other values
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        replayed = guide_trace.copy()
+        for site in _latent_sites(guide_trace):
+            replayed.nodes[site["name"]] = {**site, "value": scale.view(site["value"])}
+        model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(
+            *args, **kwargs
+        )
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, nesting)
+        model_trace, guide_trace = (prune_subsample_sites(t) for t in (model_trace, guide_trace))
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        if is_validation_enabled():
+            for trace in (model_trace, guide_trace):
+                for site in trace.nodes.values():
+                    if site["type"] == "sample":
+                        check_site_shape(site, nesting)
     _check_latents(model_trace, guide_trace)
     return model_trace, guide_trace
+
+
+class ModelGradientScale:
+    """Views of latent values that multiply the gradient reaching them by per-particle
+    ``weights`` (shaped as :attr:`LogWeights.shape`, set before the backward pass, which
+    reads them): one model pass gives DReG's ``w̃²`` weights on the path to the latents on
+    top of the ``w̃`` the parameters get."""
+
+    def __init__(self) -> None:
+        self.weights: Tensor | None = None
+
+    def view(self, value: Tensor) -> Tensor:
+        value = value.view_as(value)
+        if value.requires_grad:
+            value.register_hook(self._scale)
+        return value
+
+    def _scale(self, grad: Tensor) -> Tensor:
+        assert self.weights is not None, "set the weights before the backward pass"
+        weights = self.weights
+        return grad * weights.reshape(weights.shape + (1,) * (grad.dim() - weights.dim()))
 
 
 def _check_latents(model_trace, guide_trace) -> None:
@@ -179,8 +233,9 @@ def _flatten(total: Tensor, per_datum: bool) -> Tensor:
 
 
 def log_weights(
-    model_trace, guide_trace, nesting: int, guide_log_probs: dict | None = None
-) -> LogWeights:
+    model_trace, guide_trace, nesting: int, guide_log_probs: dict | None = None,
+    gradient_scale: ModelGradientScale | None = None,
+) -> LogWeights:  # fmt: skip
     """Log weights per particle (and per datum where the sites allow).
 
     ``guide_log_probs`` replaces the guide's log densities site by site (e.g. evaluated with
@@ -190,13 +245,12 @@ def log_weights(
     guide_sites = _latent_sites(guide_trace)
     _check_plates(model_sites, guide_sites)
     frames = _data_frames(model_sites + guide_sites)
-    total = _site_sum(model_sites, frames, nesting) - _site_sum(
-        guide_sites, frames, nesting, guide_log_probs
-    )
+    log_p = _site_sum(model_sites, frames, nesting)
+    total = log_p - _site_sum(guide_sites, frames, nesting, guide_log_probs)
     scale = math.prod((f.full_size or f.size) / f.size for f in frames)
     return LogWeights(
         _flatten(total, bool(frames)), frames, scale, nesting, model_trace, guide_trace,
-        guide_log_probs,
+        guide_log_probs, _flatten(log_p.expand_as(total), bool(frames)), gradient_scale,
     )  # fmt: skip
 
 
@@ -247,18 +301,6 @@ def kl_terms(lw: LogWeights) -> tuple[Tensor, dict[str, Tensor]]:
         p = _site_sum(paired, lw.frames, nesting)
         kls[group] = _flatten(q - p, lw.per_datum)
     return likelihood, kls
-
-
-def model_log_density_at_stopped_latents(model, lw: LogWeights, args, kwargs) -> Tensor:
-    """``log p(x, stop(z))`` per particle (and datum), reduced like ``lw``."""
-    nesting = lw.nesting
-    values = {s["name"]: s["value"].detach() for s in _latent_sites(lw.guide_trace)}
-    k = lw.values.shape[0]
-    run = _particles(poutine.condition(model, data=values), k, -nesting)
-    trace = prune_subsample_sites(poutine.trace(run).get_trace(*args, **kwargs))
-    trace.compute_log_prob()
-    sites = [s for s in trace.nodes.values() if s["type"] == "sample"]
-    return _flatten(_site_sum(sites, lw.frames, nesting), lw.per_datum)
 
 
 class _DetachParams(Messenger):

@@ -87,9 +87,6 @@ class Autoregressive(Flow):
         self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_permutation", permutation.clone(), persistent=False)
         self.register_buffer("_unpermutation", torch.argsort(permutation), persistent=False)
-        # Jᵀ[perm][:, perm], upper triangular, as one gather of the flattened transpose
-        upper_index = (permutation.unsqueeze(-1) * dim + permutation).flatten()
-        self.register_buffer("_upper_index", upper_index, persistent=False)
 
     def extra_repr(self) -> str:
         extra = f", bins={self.bins}, bound={self.bound}" if self.transformer == "spline" else ""
@@ -168,33 +165,32 @@ class Autoregressive(Flow):
         sensitivities to its own input and network outputs.
         """
         start = start.detach()
-        params, net_jac = net(start, jacobian=True)
+        params, products = net(start, jacobian=True)
         out, log_derivative = self._transform(start, params, inverse=False)
-        upper, grad_log_derivative = self._jacobian(start, params, net_jac)
+        lower, grad_log_derivative = self._jacobian(start, params, products)
         residual = (y - out)[..., self._permutation].unsqueeze(-1)
-        step = torch.linalg.solve_triangular(upper.mT, residual, upper=False).squeeze(-1)
+        step = torch.linalg.solve_triangular(lower, residual, upper=False).squeeze(-1)
         step = step[..., self._unpermutation]
         ladj = log_derivative.sum(-1) + (grad_log_derivative * step).sum(-1)
         return start + step, -ladj
 
     def _score_pullback(self, x: Tensor, context: Tensor | None, score: Tensor) -> Tensor:
         with torch.no_grad():
-            upper, grad_log_derivative = self._jacobian(x, *self._bind(context)(x, jacobian=True))
+            lower, grad_log_derivative = self._jacobian(x, *self._bind(context)(x, jacobian=True))
             rhs = (score - grad_log_derivative)[..., self._permutation].unsqueeze(-1)
-            out = torch.linalg.solve_triangular(upper, rhs, upper=True).squeeze(-1)
+            out = torch.linalg.solve_triangular(lower.mT, rhs, upper=True).squeeze(-1)
         return out[..., self._unpermutation]
 
     @torch.no_grad()
-    def _jacobian(self, x: Tensor, params: Any, net_jac: Tensor) -> tuple[Tensor, Tensor]:
-        """The forward map's Jacobian at ``x``, transposed and permuted to upper triangular,
-        and the gradient in ``x`` of the summed log-derivative, without a graph, from the
-        network's outputs ``params`` and Jacobian ``net_jac`` (``[j, k, i]``: ∂ output
-        ``k`` at ``i`` / ∂x_j, :meth:`pyroflows.nn.MADE.bind`)."""
+    def _jacobian(self, x: Tensor, params: Any, products: Callable) -> tuple[Tensor, Tensor]:
+        """The forward map's Jacobian at ``x`` in the autoregressive order (rows and
+        columns permuted: lower triangular), and the gradient in ``x`` of the summed
+        log-derivative, without a graph, from the network's outputs ``params`` and its
+        Jacobian products (:meth:`pyroflows.nn.MADE.bind`)."""
         dy, dy_params, dl, dl_params = self._sensitivities(x, params)
-        jac_t = torch.diag_embed(dy) + (dy_params.unsqueeze(-3) * net_jac).sum(-2)
-        grad_log_derivative = dl + (dl_params.unsqueeze(-3) * net_jac).sum((-2, -1))
-        upper = jac_t.flatten(-2)[..., self._upper_index].unflatten(-1, (self.dim, self.dim))
-        return upper, grad_log_derivative
+        lower, grad_log_derivative = products(dy_params, dl_params, self._permutation)
+        lower.diagonal(dim1=-2, dim2=-1).add_(dy[..., self._permutation])
+        return lower, dl + grad_log_derivative
 
     def _sensitivities(self, x: Tensor, params: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Each coordinate's derivatives of its forward output ``y_i`` and log-derivative
