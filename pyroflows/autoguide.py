@@ -175,7 +175,7 @@ class AutoFlow(AutoContinuous):
     def stopped_log_probs(self, guide_trace: Any) -> dict[str, Tensor]:
         """Each latent site's log density at its value in ``guide_trace`` with this guide's
         parameters stopped, for STL and DReG (taken by
-        :func:`pyroflows.infer.weights.stopped_guide_log_probs` in place of a re-run of the
+        :func:`pyroflows.infer.stopped.stopped_guide_log_probs` in place of a re-run of the
         guide through Pyro). The joint latent's is its traced value plus its score times
         the sample's displacement, the score pulled back through the layers at their cached
         inputs (:func:`pyroflows._scores.stopped_log_prob`): the path derivative without an

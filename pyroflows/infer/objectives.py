@@ -13,6 +13,7 @@ from pyro.util import warn_if_nan
 from .. import _checks
 from .._random import seeded
 from . import weights as w
+from .stopped import ModelGradientScale, stopped_guide_log_probs
 
 
 class _Weighted(PyroELBO):
@@ -46,12 +47,12 @@ class _Weighted(PyroELBO):
     ) -> w.LogWeights:
         self._ensure_nesting(model, guide, args, kwargs)
         nesting, k = self._nesting, num_particles or self.num_particles
-        scale = w.ModelGradientScale() if stopped and self._scales_model_gradient else None
+        scale = ModelGradientScale() if stopped and self._scales_model_gradient else None
         model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting, scale)
         w.check_reparameterized(guide_trace)
         stopped_lp = None
         if stopped:
-            stopped_lp = w.stopped_guide_log_probs(guide, guide_trace, args, kwargs, k, nesting)
+            stopped_lp = stopped_guide_log_probs(guide, guide_trace, args, kwargs, k, nesting)
         return w.log_weights(model_trace, guide_trace, nesting, stopped_lp, scale)
 
     def _finish(self, objective: torch.Tensor, surrogate: torch.Tensor | None) -> float:

@@ -9,10 +9,9 @@ summed over all plates, the usual bound.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
@@ -21,13 +20,12 @@ from pyro.distributions import Delta, ExpandedDistribution, Independent, MaskedD
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..transforms.base import cache_disabled
+if TYPE_CHECKING:
+    from .stopped import ModelGradientScale
 
 PARTICLES = "_pyroflows_particles"
 
@@ -113,7 +111,7 @@ def traces(
     """A guide trace with ``num_particles`` vectorized particles and the model replayed on it.
 
     ``nesting`` counts the plates including the particles' (Pyro's vectorized convention):
-    the particle plate is at ``dim=-nesting``. With a :class:`ModelGradientScale`, the
+    the particle plate is at ``dim=-nesting``. With a :class:`.stopped.ModelGradientScale`, the
     model is replayed on views of the guide's values through which ``scale`` scales the
     gradient that reaches them from the model.
     """
@@ -141,27 +139,6 @@ def traces(
                         check_site_shape(site, nesting)
     _check_latents(model_trace, guide_trace)
     return model_trace, guide_trace
-
-
-class ModelGradientScale:
-    """Views of latent values that multiply the gradient reaching them by per-particle
-    ``weights`` (shaped as :attr:`LogWeights.shape`, set before the backward pass, which
-    reads them): one model pass gives DReG's ``w̃²`` weights on the path to the latents on
-    top of the ``w̃`` the parameters get."""
-
-    def __init__(self) -> None:
-        self.weights: Tensor | None = None
-
-    def view(self, value: Tensor) -> Tensor:
-        value = value.view_as(value)
-        if value.requires_grad:
-            value.register_hook(self._scale)
-        return value
-
-    def _scale(self, grad: Tensor) -> Tensor:
-        assert self.weights is not None, "set the weights before the backward pass"
-        weights = self.weights
-        return grad * weights.reshape(weights.shape + (1,) * (grad.dim() - weights.dim()))
 
 
 def _check_latents(model_trace, guide_trace) -> None:
@@ -301,61 +278,6 @@ def kl_terms(lw: LogWeights) -> tuple[Tensor, dict[str, Tensor]]:
         p = _site_sum(paired, lw.frames, nesting)
         kls[group] = _flatten(q - p, lw.per_datum)
     return likelihood, kls
-
-
-class _DetachParams(Messenger):
-    def _pyro_post_param(self, msg: dict) -> None:
-        msg["value"] = msg["value"].detach()
-
-
-class _LogProbsNow(Messenger):
-    """Records each latent site's log density as the site is sampled.
-
-    Computed inside the guide's run, while its parameters are stopped: a flow reads its
-    parameters when its density is evaluated, so a density taken after the run (when
-    ``functional_call`` has put the live parameters back) would not be stopped.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.log_probs: dict[str, Tensor] = {}
-
-    def _pyro_post_sample(self, msg: dict) -> None:
-        if msg["is_observed"] or isinstance(msg["fn"], _Subsample):
-            return
-        log_prob = msg["fn"].log_prob(msg["value"])
-        self.log_probs[msg["name"]] = scale_and_mask(log_prob, 1.0, msg["mask"])
-
-
-def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int, nesting: int):
-    """The guide's log densities at its own samples with every parameter stopped.
-
-    The guide is re-run with its parameters detached (Pyro params through a handler,
-    ``nn.Module`` parameters through :func:`torch.func.functional_call`) and the sample values
-    replayed, and each density is taken during that run, so the result keeps the gradient
-    through the samples (the path derivative) and drops the score term of every parameter,
-    a flow's included. Flows compute their inverse at the replayed values. A guide with a
-    ``stopped_log_probs(guide_trace)`` method (:class:`~pyroflows.AutoFlow`,
-    :class:`~pyroflows.AmortizedFlowGuide`) computes them itself, without the re-run, unless
-    it returns ``None``.
-    """
-    own = getattr(guide, "stopped_log_probs", None)
-    if callable(own) and (log_probs := own(guide_trace)) is not None:
-        return log_probs
-    run = guide
-    if isinstance(guide, nn.Module):
-        detached = {k: v.detach() for k, v in guide.named_parameters()}
-
-        def run(*a: Any, **k: Any) -> Any:
-            return torch.func.functional_call(guide, detached, a, k)
-
-    record = _LogProbsNow()
-    with cache_disabled(), _DetachParams(), record, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
-        poutine.replay(_particles(run, num_particles, -nesting), trace=guide_trace)(*args, **kwargs)
-    if is_validation_enabled():
-        assert set(record.log_probs) == {s["name"] for s in _latent_sites(guide_trace)}
-    return record.log_probs
 
 
 def weighted_draws(
