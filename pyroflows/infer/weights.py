@@ -106,8 +106,9 @@ def _nesting(model_trace, guide_trace) -> int:
 
 
 def traces(
-    model, guide, args, kwargs, num_particles: int, nesting: int, scale=None
-) -> tuple[Any, Any]:
+    model, guide, args, kwargs, num_particles: int, nesting: int,
+    scale: ModelGradientScale | None = None,
+) -> tuple[Any, Any]:  # fmt: skip
     """A guide trace with ``num_particles`` vectorized particles and the model replayed on it.
 
     ``nesting`` counts the plates including the particles' (Pyro's vectorized convention):

@@ -32,6 +32,8 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
     vae.add_argument("--architecture", default="mlp", choices=ARCHITECTURES,
                      help="mlp, or conv (gated convolutions, 28x28 only)")  # fmt: skip
     vae.add_argument("--hidden-dim", type=positive_int, default=300, help="MLP width (300)")
+    vae.add_argument("--cnf-trace", default="exact", choices=["exact", "hutchinson"],
+                     help="a CNF's trace in training (FFJORD: hutchinson); evaluation is exact")
     vae.add_argument("--data", default="digits",
                      help="digits (bundled, no download), mnist (see PYROFLOWS_DATA), or the "
                      "path of an .npz file or a folder of .amat or IDX files")  # fmt: skip
@@ -77,8 +79,10 @@ def _run(cli: argparse.ArgumentParser, args: argparse.Namespace, device: torch.d
     try:
         data = load(args.data, binarize=args.binarize, seed=args.seed).to(device)
         torch.manual_seed(args.seed)
+        options = {"trace": args.cnf_trace} if args.flow == "cnf" else {}
         vae = VAE(data.image_shape, args.latent_dim, args.flow, args.layers,
-                  architecture=args.architecture, hidden_dim=args.hidden_dim)  # fmt: skip
+                  architecture=args.architecture, hidden_dim=args.hidden_dim,
+                  **options)  # fmt: skip
         vae.to(device)
         start = time.perf_counter()
         result = train(vae, data, out=args.out, resume=args.resume,

@@ -11,13 +11,16 @@ negative log-likelihood (the papers' NLL, K = 5000), and image grids.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .. import _checks, distributed, plots
+from ..transforms import Continuous
 from .models import VAE
 
 
@@ -37,14 +40,16 @@ def evaluate(
     and ``nll``, ``-log p(x)`` per image, with its standard error ``nll_stderr``. The batches
     draw from ``seed`` on and are shared out over the processes of ``torch.distributed``
     when it runs (:func:`pyroflows.distributed.log_marginal_likelihood`): the figures are the
-    same for any number of processes."""
+    same for any number of processes. A CNF posterior trained on Hutchinson's trace estimate
+    is evaluated with the exact trace: an estimated log-determinant would bias both bounds."""
     x = vae.check_images(x)
     _checks.positive_int("num_samples", num_samples)
     vae.eval()
-    r = distributed.log_marginal_likelihood(
-        vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size,
-        batch_size=batch_size, seed=seed, progress=progress,
-    )  # fmt: skip
+    with exact_traces(vae):
+        r = distributed.log_marginal_likelihood(
+            vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size,
+            batch_size=batch_size, seed=seed, progress=progress,
+        )  # fmt: skip
     n = len(x)
     return {
         "neg_elbo": -r.elbo.sum().item() / n,
@@ -53,6 +58,20 @@ def evaluate(
         "num_samples": num_samples,
         "images": n,
     }
+
+
+@contextlib.contextmanager
+def exact_traces(module: torch.nn.Module) -> Iterator[None]:
+    """Every :class:`~pyroflows.transforms.Continuous` layer in ``module`` computes its exact
+    trace inside the block, and its own setting again after it."""
+    layers = [(m, m.trace) for m in module.modules() if isinstance(m, Continuous)]
+    for layer, _ in layers:
+        layer.trace = "exact"
+    try:
+        yield
+    finally:
+        for layer, trace in layers:
+            layer.trace = trace
 
 
 @torch.no_grad()
