@@ -133,10 +133,12 @@ class MADE(nn.Module):
             def products(
                 rows: Tensor, vector: Tensor, order: Tensor | None = None
             ) -> tuple[Tensor, Tensor]:
-                last = weights[-1].unflatten(0, shape)  # (outputs, dim, units)
-                first = weights[0]
+                ordered = list(weights)  # the inputs' columns, then the outputs, in order
                 if order is not None:
-                    rows, last, first = rows[..., order], last[:, order], first[:, order]
+                    ordered[0] = ordered[0][:, order]
+                last = ordered[-1].unflatten(0, shape)  # (outputs, dim, units)
+                if order is not None:
+                    rows, last = rows[..., order], last[:, order]
                 if self.outputs > 4:  # a spline's many outputs: one batched product
                     r = torch.einsum("...ki,kiu->...iu", rows, last)
                 else:  # a few: multiply-adds, where a product over 2 terms runs slowly
@@ -145,7 +147,7 @@ class MADE(nn.Module):
                         r.addcmul_(rows[..., k, :, None], last[k])
                 v = vector.flatten(-2) @ weights[-1]
                 for i in reversed(range(len(gates))):
-                    r = (r * gates[i].unsqueeze(-2)) @ (weights[i] if i else first)
+                    r = (r * gates[i].unsqueeze(-2)) @ ordered[i]
                     v = (v * gates[i]) @ weights[i]
                 return r, v
 

@@ -264,3 +264,29 @@ def test_score_pullback_matches_autograd(case: Case, saturated: bool):
         grad = torch.autograd.functional.jacobian(ladj, x[b])
         expected = torch.linalg.solve(jac.mT, score[b] - grad)
         torch.testing.assert_close(got[b], expected, atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("hidden", [(7,), (6, 5, 4)])
+@pytest.mark.parametrize("outputs", [2, 7])  # a few outputs: multiply-adds; many: einsum
+def test_made_jacobian_products_match_autograd(hidden: tuple, outputs: int):
+    """The MADE's graph-free Jacobian products, with a context and a random order, against
+    autograd's Jacobian; in that order the rows' product is lower triangular."""
+    from pyroflows.nn import MADE
+
+    f64 = torch.float64
+    torch.manual_seed(0)
+    order = torch.randperm(5)
+    net = MADE(5, hidden, context_dim=3, permutation=order, outputs=outputs).double()
+    x, context = torch.randn(2, 5, dtype=f64), torch.randn(2, 3, dtype=f64)
+    rows, vector = torch.randn(2, 2, outputs, 5, dtype=f64).unbind(1)
+    _, products = net.bind(context, stacked=True)(x, jacobian=True)
+    (got_rows, got_vector), (ordered, _) = products(rows, vector), products(rows, vector, order)
+    for b in range(2):
+        jac = torch.autograd.functional.jacobian(  # (dim, outputs, dim)
+            lambda v, b=b: net.bind(context[b], stacked=True)(v), x[b]
+        )
+        expected = torch.einsum("ki,ikj->ij", rows[b], jac)
+        torch.testing.assert_close(got_rows[b], expected)
+        torch.testing.assert_close(got_vector[b], torch.einsum("ki,ikj->j", vector[b], jac))
+        torch.testing.assert_close(ordered[b], expected[order][:, order])
+        assert ordered[b].triu(1).abs().max() == 0
