@@ -203,14 +203,15 @@ def main() -> None:
                           f"{_mib(r['zuko']['peak_mib'])}")  # fmt: skip
             if failure:
                 print(f"{'':29}pyro fails on {device.type}: {failure}")
-    common.write(
-        "transforms",
-        device,
-        {"settings": {"batch": args.batch, "rounds": args.rounds, "calls": args.calls},
-         "rows": rows},
-        pyro=pyro.__version__,
-        zuko=zuko.__version__,
-    )  # fmt: skip
+            _write(rows, args, device, complete=False)  # a run stopped early keeps its rows
+    _write(rows, args, device, complete=True)
+
+
+def _write(rows: list[dict], args: argparse.Namespace, device: torch.device, complete: bool):
+    settings = {"batch": args.batch, "rounds": args.rounds, "calls": args.calls,
+                "dims": args.dims, "families": args.families, "complete": complete}  # fmt: skip
+    common.write("transforms", device, {"settings": settings, "rows": rows},
+                 pyro=pyro.__version__, zuko=zuko.__version__)  # fmt: skip
 
 
 def _mib(value: float | None) -> str:
