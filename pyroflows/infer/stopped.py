@@ -21,9 +21,17 @@ from .weights import _latent_sites, _particles
 
 class ModelGradientScale:
     """Views of latent values that multiply the gradient reaching them by per-particle
-    ``weights`` (shaped as :attr:`LogWeights.shape`, set before the backward pass, which
-    reads them): one model pass gives DReG's ``w̃²`` weights on the path to the latents on
-    top of the ``w̃`` the parameters get."""
+    ``weights`` (shaped as :attr:`.weights.LogWeights.shape`, set before the backward pass,
+    which reads them): one model pass gives DReG's ``w̃²`` weights on the path to the latents
+    on top of the ``w̃`` the parameters get.
+
+    >>> scale, z = ModelGradientScale(), torch.ones(2, 3, requires_grad=True)
+    >>> view = scale.view(z)
+    >>> scale.weights = torch.tensor([[2.0], [3.0]])  # one per particle (rows)
+    >>> view.sum().backward()
+    >>> z.grad[:, 0]
+    tensor([2., 3.])
+    """
 
     def __init__(self) -> None:
         self.weights: Tensor | None = None
@@ -38,7 +46,6 @@ class ModelGradientScale:
         assert self.weights is not None, "set the weights before the backward pass"
         weights = self.weights
         return grad * weights.reshape(weights.shape + (1,) * (grad.dim() - weights.dim()))
-
 
 
 class _DetachParams(Messenger):
