@@ -2,7 +2,7 @@
 the published numbers beside them.
 
     python benchmarks/vae_table.py [--device cuda] [--epochs 10] [--flows none iaf ...]
-        [--eval-samples 5000] [--eval-images 10000] [--merge]
+        [--eval-samples 5000] [--eval-images 10000] [--merge] [--out DIR]
 
 Every posterior is trained by ``pyroflows.vae.train`` with the same settings (MLP 784-300-300
 encoder and decoder, ``--latent-dim`` latents, Adamax at ``--lr``, batch 100, KL warm-up over
@@ -13,7 +13,10 @@ come from hundreds of epochs with larger flows and gated-convolution networks; t
 is what a short run can be compared on. Needs ../shared/data/binarized_mnist.npz (or
 ``--data``). Writes benchmarks/results/vae_table.json and docs/vae-results.md; with
 ``--merge`` the rows of posteriors not run now are kept from the existing JSON (same
-device), each row with its own epochs and evaluation settings.
+device), each row with its own epochs and evaluation settings. With ``--out DIR`` each
+posterior trains with checkpoints in ``DIR/NAME`` and a later call resumes from them (a
+finished training just loads its best epoch), so a run stopped during a long evaluation
+need not train again; such a row says ``resumed`` and its time is that call's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 import pyroflows as pf
 from pyroflows.vae import VAE, evaluate, train
+from pyroflows.vae.train import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_NEG_ELBO = {  # test -ELBO on static binarized MNIST
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--merge", action="store_true", help="keep the other posteriors' rows")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoints, to resume")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
@@ -69,16 +74,20 @@ def main() -> None:
         options = FLOW_OPTIONS.get(flow, {})
         vae = VAE(data.image_shape, args.latent_dim, flow, layers, hidden_dim=300, **options)
         vae.to(device)
+        out = None if args.out is None else args.out / flow
+        resumed = out is not None and (out / CHECKPOINT).exists()
         start = time.perf_counter()
         run = train(vae, data, epochs=args.epochs, batch_size=100, lr=args.lr,
-                    warmup_epochs=args.warmup_epochs, progress=False)  # fmt: skip
+                    warmup_epochs=args.warmup_epochs, progress=False, out=out,
+                    resume=resumed)  # fmt: skip
         seconds = time.perf_counter() - start
         test = evaluate(vae, data.test[: args.eval_images], num_samples=args.eval_samples)
         published = PUBLISHED_NEG_ELBO.get(flow)
         rows.append({"posterior": flow, "layers": layers, "options": options,
                      "epochs": len(run.history),
                      "best_epoch": run.best_epoch, "train_seconds": seconds, **test,
-                     "published_neg_elbo": published, "stopped": run.stopped})  # fmt: skip
+                     "published_neg_elbo": published, "stopped": run.stopped,
+                     "resumed": resumed})  # fmt: skip
         shown = "-" if published is None else f"{published:.2f}"
         print(f"{flow:14}{len(run.history):7d}{seconds:9.0f}{test['neg_elbo']:9.2f}"
               f"{test['nll']:9.2f}{shown:>11}")  # fmt: skip
