@@ -110,6 +110,11 @@ def cpu_peak_mib(call: Callable[[], Any]) -> float:
     return peak / 2**20
 
 
+def result_path(name: str, device: torch.device) -> Path:
+    """``results/NAME.json``, or ``NAME-cuda.json`` for a CUDA device."""
+    return RESULTS / (f"{name}-cuda.json" if device.type == "cuda" else f"{name}.json")
+
+
 def write(name: str, device: torch.device, figures: dict[str, Any], **versions: str) -> Path:
     """Write ``results/NAME.json`` (``NAME-cuda.json`` on CUDA) with the environment and
     ``figures``; returns the path."""
@@ -128,7 +133,7 @@ def write(name: str, device: torch.device, figures: dict[str, Any], **versions: 
         **figures,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / (f"{name}-cuda.json" if is_cuda else f"{name}.json")
+    path = result_path(name, device)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -94,19 +94,18 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("epochs", "layers", "latent_dim", "lr",
                 "warmup_epochs", "eval_samples", "eval_images")}  # fmt: skip
     settings |= {"batch_size": 100, "optimizer": "adamax", "architecture": "mlp 300-300"}
+    for row in rows:
+        row["settings"] = settings
     if args.merge:
-        rows = _merged(rows, settings, device)
+        rows = _merged(rows, device)
     path = common.write("vae_table", device, {"settings": settings, "rows": rows})
     _markdown(rows, settings, path, device)
 
 
-def _merged(rows: list[dict], settings: dict, device: torch.device) -> list[dict]:
+def _merged(rows: list[dict], device: torch.device) -> list[dict]:
     """The existing rows of other posteriors with the new ones, in the order of ``FLOWS``;
     each keeps the settings it ran with (``settings`` in its row)."""
-    name = "vae_table-cuda.json" if device.type == "cuda" else "vae_table.json"
-    old = json.loads((common.RESULTS / name).read_text())
-    for row in rows:
-        row["settings"] = settings
+    old = json.loads(common.result_path("vae_table", device).read_text())
     new = {row["posterior"]: row for row in rows}
     kept = [r | {"settings": r.get("settings", old["settings"])} for r in old["rows"]]
     merged = {r["posterior"]: r for r in kept} | new
@@ -118,7 +117,7 @@ def _markdown(rows: list[dict], settings: dict, path: Path, device: torch.device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, 1 thread"
     runs = {}
     for r in rows:
-        s = r.get("settings", settings)
+        s = r["settings"]
         command = (f"python benchmarks/vae_table.py --epochs {s['epochs']} --warmup-epochs "
                    f"{s['warmup_epochs']} --eval-samples {s['eval_samples']} --eval-images "
                    f"{s['eval_images']}")  # fmt: skip

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import pyroflows as pf
+from pyroflows.transforms.continuous import exact_traces
 from pyroflows.vae import POSTERIORS, VAE, BinaryImages, evaluate, load, save_figures, train
-from pyroflows.vae.evaluate import exact_traces
 from pyroflows.vae.train import BEST, CHECKPOINT, load_checkpoint
 
 SMALL = {"latent_dim": 3, "hidden_dim": 16}

@@ -20,7 +20,6 @@ class _Weighted(PyroELBO):
     """Shared by the objectives: vectorized particles, guessed plate nesting, checks."""
 
     estimators: tuple[str, ...] = ()
-    _scales_model_gradient = False  # DReG: the model replayed on gradient-scaled latents
 
     def __init__(
         self,
@@ -47,7 +46,8 @@ class _Weighted(PyroELBO):
     ) -> w.LogWeights:
         self._ensure_nesting(model, guide, args, kwargs)
         nesting, k = self._nesting, num_particles or self.num_particles
-        scale = ModelGradientScale() if stopped and self._scales_model_gradient else None
+        # DReG replays the model on gradient-scaled latents (see ModelGradientScale)
+        scale = ModelGradientScale() if stopped and self.estimator == "dreg" else None
         model_trace, guide_trace = w.traces(model, guide, args, kwargs, k, nesting, scale)
         w.check_reparameterized(guide_trace)
         stopped_lp = None
@@ -115,10 +115,6 @@ class IWAE(_Weighted):
     """
 
     estimators = ("standard", "dreg")
-
-    @property
-    def _scales_model_gradient(self) -> bool:
-        return self.estimator == "dreg"
 
     def __init__(
         self,

@@ -18,7 +18,6 @@ import torch
 from pyro import poutine
 from pyro.distributions import Delta, ExpandedDistribution, Independent, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
@@ -118,26 +117,23 @@ def traces(
     """
     model = _particles(model, num_particles, -nesting)
     guide = _particles(guide, num_particles, -nesting)
-    if scale is None:
-        model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
-    else:  # Pyro's get_importance_trace, replaying the model on other values
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    replayed = guide_trace
+    if scale is not None:
         replayed = guide_trace.copy()
         for site in _latent_sites(guide_trace):
             replayed.nodes[site["name"]] = {**site, "value": scale.view(site["value"])}
-        model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(
-            *args, **kwargs
-        )
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, nesting)
-        model_trace, guide_trace = (prune_subsample_sites(t) for t in (model_trace, guide_trace))
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
-        if is_validation_enabled():
-            for trace in (model_trace, guide_trace):
-                for site in trace.nodes.values():
-                    if site["type"] == "sample":
-                        check_site_shape(site, nesting)
+    model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(*args, **kwargs)
+    if is_validation_enabled():  # as Pyro's get_importance_trace
+        check_model_guide_match(model_trace, guide_trace, nesting)
+    model_trace, guide_trace = (prune_subsample_sites(t) for t in (model_trace, guide_trace))
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    if is_validation_enabled():
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, nesting)
     _check_latents(model_trace, guide_trace)
     return model_trace, guide_trace
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -178,9 +179,10 @@ class Continuous(Flow):
     the adjoint system, as zuko does; fixed steps are replayed, giving the default's
     gradient). The trace is ``trace="exact"`` (one vector-Jacobian product per dimension) or
     ``"hutchinson"`` (``E[εᵀ ∂f/∂z ε]`` with one Rademacher or Gaussian probe ``ε`` held fixed
-    within a solve, FFJORD's unbiased estimate). Set ``flow.trace = "exact"`` to evaluate
-    exactly after training with Hutchinson: the solver settings are plain attributes, checked
-    when set, and setting one invalidates the cached solve.
+    within a solve, FFJORD's unbiased estimate). Set ``flow.trace = "exact"`` (or use
+    :func:`exact_traces` for a block) to evaluate exactly after training with Hutchinson: the
+    solver settings are plain attributes, checked when set, and setting one invalidates the
+    cached solve.
 
     ``f`` is an MLP (``hidden_dims``, ``activation`` in ``tanh``, ``softplus``, ``elu``) on ``z``,
     Fourier features of ``t`` and, with ``context_dim > 0``, the context (amortized dynamics:
@@ -360,3 +362,25 @@ class Continuous(Flow):
 
     def _backward(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         return self._integrate(y, context, reverse=True)
+
+
+@contextlib.contextmanager
+def exact_traces(module: nn.Module) -> Iterator[None]:
+    """Every :class:`Continuous` layer in ``module`` computes its exact trace inside the
+    block (for bounds, which an estimated log-determinant would bias), and its own setting
+    again after it.
+
+    >>> flow = Continuous(2, hidden_dims=(8,), trace="hutchinson")
+    >>> with exact_traces(flow):
+    ...     inside = flow.trace
+    >>> inside, flow.trace
+    ('exact', 'hutchinson')
+    """
+    layers = [(m, m.trace) for m in module.modules() if isinstance(m, Continuous)]
+    for layer, _ in layers:
+        layer.trace = "exact"
+    try:
+        yield
+    finally:
+        for layer, trace in layers:
+            layer.trace = trace

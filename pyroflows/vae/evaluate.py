@@ -11,16 +11,14 @@ negative log-likelihood (the papers' NLL, K = 5000), and image grids.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .. import _checks, distributed, plots
-from ..transforms import Continuous
+from ..transforms.continuous import exact_traces
 from .models import VAE
 
 
@@ -41,7 +39,7 @@ def evaluate(
     draw from ``seed`` on and are shared out over the processes of ``torch.distributed``
     when it runs (:func:`pyroflows.distributed.log_marginal_likelihood`): the figures are the
     same for any number of processes. A CNF posterior trained on Hutchinson's trace estimate
-    is evaluated with the exact trace: an estimated log-determinant would bias both bounds."""
+    is evaluated with the exact trace (:func:`pyroflows.transforms.continuous.exact_traces`)."""
     x = vae.check_images(x)
     _checks.positive_int("num_samples", num_samples)
     vae.eval()
@@ -58,20 +56,6 @@ def evaluate(
         "num_samples": num_samples,
         "images": n,
     }
-
-
-@contextlib.contextmanager
-def exact_traces(module: torch.nn.Module) -> Iterator[None]:
-    """Every :class:`~pyroflows.transforms.Continuous` layer in ``module`` computes its exact
-    trace inside the block, and its own setting again after it."""
-    layers = [(m, m.trace) for m in module.modules() if isinstance(m, Continuous)]
-    for layer, _ in layers:
-        layer.trace = "exact"
-    try:
-        yield
-    finally:
-        for layer, trace in layers:
-            layer.trace = trace
 
 
 @torch.no_grad()
