@@ -85,6 +85,11 @@ class MADE(nn.Module):
             self.register_buffer(f"mask{i}", layer.mask.clone())
         self.params = ParameterMap(init)  # one tensor for an optimizer to update
         self.depth = len(layers)
+        self.register_buffer("permutation", permutation.clone(), persistent=False)
+        bools = [m.bool() for m in masks]
+        self._whole = [(0, dim, (dim, *hidden))]
+        first, last = bools[0][:, context_dim:], bools[-1].unflatten(0, (outputs, dim))
+        self._blocks = _jacobian_blocks(first[:, permutation], bools[1:-1], last[:, permutation])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
         return self.bind(context)(x)
@@ -95,14 +100,16 @@ class MADE(nn.Module):
         inverse makes ``dim`` passes). With ``stacked`` it returns one view of shape
         ``(..., dim, outputs)`` rather than ``outputs`` tensors.
 
-        ``run(x, jacobian=True)`` also returns ``products(rows, vector, order=None)``, the
-        network's Jacobian in ``x`` applied to coefficients of the outputs' shape ``(...,
-        outputs, dim)``, without a graph, from the masked weights and the ReLUs' gates
-        (reverse accumulation, where autograd would take ``dim`` vector-Jacobian products):
-        ``(..., dim, dim)`` with entry ``[i, j] = Σ_k rows[k, i] ∂ output k at i / ∂x_j``
-        (each coordinate's own outputs; with ``order``, rows and columns taken in that
-        order, which for ``permutation`` makes it lower triangular), and ``(..., dim)``
-        with entry ``j = Σ_{k,i} vector[k, i] ∂ output k at i / ∂x_j``."""
+        ``run(x, jacobian=True)`` also returns ``products(rows, vector, ordered=False)``,
+        the network's Jacobian in ``x`` applied to coefficients of the outputs' shape
+        ``(..., outputs, dim)``, without a graph, from the masked weights and the ReLUs'
+        gates (reverse accumulation, where autograd would take ``dim`` vector-Jacobian
+        products): ``(..., dim, dim)`` with entry ``[i, j] = Σ_k rows[k, i] ∂ output k at i /
+        ∂x_j`` (each coordinate's own outputs; with ``ordered``, rows and columns taken in
+        the order ``permutation``, which makes it lower triangular), and ``(..., dim)`` with
+        entry ``j = Σ_{k,i} vector[k, i] ∂ output k at i / ∂x_j``. In that order a block of
+        rows reaches only leading units of each layer (Pyro's masks sort them by degree),
+        so the rows are taken a block at a time and the zeros are not multiplied."""
         p = self.params.free()
         (weight, bias), *others = [
             (p[f"weight{i}"] * getattr(self, f"mask{i}"), p[f"bias{i}"]) for i in range(self.depth)
@@ -131,29 +138,71 @@ class MADE(nn.Module):
             weights = [first_weight.detach(), *(w.detach() for w, _ in others)]
 
             def products(
-                rows: Tensor, vector: Tensor, order: Tensor | None = None
+                rows: Tensor, vector: Tensor, ordered: bool = False
             ) -> tuple[Tensor, Tensor]:
-                ordered = list(weights)  # the inputs' columns, then the outputs, in order
-                if order is not None:
-                    ordered[0] = ordered[0][:, order]
-                last = ordered[-1].unflatten(0, shape)  # (outputs, dim, units)
-                if order is not None:
-                    rows, last = rows[..., order], last[:, order]
-                if self.outputs > 4:  # a spline's many outputs: one batched product
-                    r = torch.einsum("...ki,kiu->...iu", rows, last)
-                else:  # a few: multiply-adds, where a product over 2 terms runs slowly
-                    r = rows[..., 0, :, None] * last[0]
-                    for k in range(1, self.outputs):
-                        r.addcmul_(rows[..., k, :, None], last[k])
+                first, last = weights[0], weights[-1].unflatten(0, shape)  # (outputs, dim, units)
+                blocks = self._whole
+                if ordered:
+                    order = self.permutation
+                    first, last, rows = first[:, order], last[:, order], rows[..., order]
+                    blocks = self._blocks
                 v = vector.flatten(-2) @ weights[-1]
                 for i in reversed(range(len(gates))):
-                    r = (r * gates[i].unsqueeze(-2)) @ ordered[i]
                     v = (v * gates[i]) @ weights[i]
-                return r, v
+                lower = None
+                for start, end, widths in blocks:
+                    r = _combine(rows[..., start:end], last[:, start:end, : widths[-1]])
+                    for i in reversed(range(len(gates))):
+                        weight = first if i == 0 else weights[i]
+                        r = (r * gates[i][..., None, : widths[i + 1]]) @ weight[
+                            : widths[i + 1], : widths[i]
+                        ]
+                    if len(blocks) == 1 and r.shape[-1] == self.dim:
+                        return r, v
+                    if lower is None:  # each entry written once, the zeros beyond a block too
+                        lower = r.new_empty((*r.shape[:-2], self.dim, self.dim))
+                    lower[..., start:end, : widths[0]] = r
+                    lower[..., start:end, widths[0] :] = 0
+                return lower, v
 
             return out, products
 
         return run
+
+
+def _combine(rows: Tensor, last: Tensor) -> Tensor:
+    """``Σ_k rows[..., k, i] last[k, i, u]``: each coordinate's outputs' coefficients on the
+    last hidden layer's units."""
+    if len(last) > 4:  # a spline's many outputs: one batched product
+        return torch.einsum("...ki,kiu->...iu", rows, last)
+    r = rows[..., 0, :, None] * last[0]  # a few: multiply-adds, where a product over 2
+    for k in range(1, len(last)):  # terms runs slowly
+        r.addcmul_(rows[..., k, :, None], last[k])
+    return r
+
+
+def _jacobian_blocks(
+    first: Tensor, hidden: list[Tensor], last: Tensor, rows_per_block: int = 8
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """A MADE's Jacobian rows in blocks, with the masks' columns and rows in the
+    autoregressive order: ``(start, end, widths)`` with ``widths`` the leading inputs and
+    units of each hidden layer that rows ``start:end`` can reach (beyond them every
+    product is zero). ``first`` is ``(units, dim)``, ``hidden`` the masks between hidden
+    layers and ``last`` ``(outputs, dim, units)``, all boolean."""
+    dim = first.shape[1]
+    count = max(1, min(8, dim // rows_per_block))  # small networks: one block, no copies
+    bounds = torch.linspace(0, dim, count + 1).round().long().tolist()
+
+    def width(reached: Tensor) -> int:
+        return int(reached.nonzero().max()) + 1 if bool(reached.any()) else 0
+
+    blocks = []
+    for start, end in itertools.pairwise(bounds):
+        widths = [width(last[:, start:end].any(0).any(0))]
+        for mask in [first, *hidden][::-1]:
+            widths.append(width(mask[: widths[-1]].any(0)))
+        blocks.append((start, end, tuple(widths[::-1])))
+    return blocks
 
 
 def matvec(a: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:

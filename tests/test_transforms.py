@@ -266,24 +266,34 @@ def test_score_pullback_matches_autograd(case: Case, saturated: bool):
         torch.testing.assert_close(got[b], expected, atol=1e-9, rtol=1e-8)
 
 
-@pytest.mark.parametrize("hidden", [(7,), (6, 5, 4)])
+@pytest.mark.parametrize(
+    "dim, hidden, context_dim",
+    [(5, (7,), 3), (5, (6, 5, 4), 3), (29, (40, 35), 3), (29, (12,), 0)],  # 29: in row blocks
+)
 @pytest.mark.parametrize("outputs", [2, 7])  # a few outputs: multiply-adds; many: einsum
-def test_made_jacobian_products_match_autograd(hidden: tuple, outputs: int):
-    """The MADE's graph-free Jacobian products, with a context and a random order, against
-    autograd's Jacobian; in that order the rows' product is lower triangular."""
+def test_made_jacobian_products_match_autograd(
+    dim: int, hidden: tuple, context_dim: int, outputs: int
+):
+    """The MADE's graph-free Jacobian products, with or without a context and a random
+    order, against autograd's Jacobian; in that order the rows' product is lower triangular
+    (and taken in blocks of rows for the larger network, some reaching no unit at all)."""
     from pyroflows.nn import MADE
 
     f64 = torch.float64
     torch.manual_seed(0)
-    order = torch.randperm(5)
-    net = MADE(5, hidden, context_dim=3, permutation=order, outputs=outputs).double()
-    x, context = torch.randn(2, 5, dtype=f64), torch.randn(2, 3, dtype=f64)
-    rows, vector = torch.randn(2, 2, outputs, 5, dtype=f64).unbind(1)
+    order = torch.randperm(dim)
+    net = MADE(dim, hidden, context_dim=context_dim, permutation=order, outputs=outputs)
+    net = net.double()
+    assert (len(net._blocks) > 1) == (dim > 16)
+    x, context = torch.randn(2, dim, dtype=f64), torch.randn(2, context_dim, dtype=f64)
+    context = context if context_dim else None
+    rows, vector = torch.randn(2, 2, outputs, dim, dtype=f64).unbind(1)
     _, products = net.bind(context, stacked=True)(x, jacobian=True)
-    (got_rows, got_vector), (ordered, _) = products(rows, vector), products(rows, vector, order)
+    (got_rows, got_vector), (ordered, _) = products(rows, vector), products(rows, vector, True)
     for b in range(2):
         jac = torch.autograd.functional.jacobian(  # (dim, outputs, dim)
-            lambda v, b=b: net.bind(context[b], stacked=True)(v), x[b]
+            lambda v, b=b: net.bind(None if context is None else context[b], stacked=True)(v),
+            x[b],
         )
         expected = torch.einsum("ki,ikj->ij", rows[b], jac)
         torch.testing.assert_close(got_rows[b], expected)

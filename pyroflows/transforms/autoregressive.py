@@ -188,7 +188,7 @@ class Autoregressive(Flow):
         log-derivative, without a graph, from the network's outputs ``params`` and its
         Jacobian products (:meth:`pyroflows.nn.MADE.bind`)."""
         dy, dy_params, dl, dl_params = self._sensitivities(x, params)
-        lower, grad_log_derivative = products(dy_params, dl_params, self._permutation)
+        lower, grad_log_derivative = products(dy_params, dl_params, ordered=True)
         lower.diagonal(dim1=-2, dim2=-1).add_(dy[..., self._permutation])
         return lower, dl + grad_log_derivative
 
