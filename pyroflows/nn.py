@@ -190,7 +190,9 @@ def _jacobian_blocks(
     product is zero). ``first`` is ``(units, dim)``, ``hidden`` the masks between hidden
     layers and ``last`` ``(outputs, dim, units)``, all boolean."""
     dim = first.shape[1]
-    count = max(1, min(8, dim // rows_per_block))  # small networks: one block, no copies
+    count = max(1, min(8, dim // rows_per_block))
+    if count == 1:  # a small network: one dense block, returned as it is
+        return [(0, dim, (dim, first.shape[0], *(mask.shape[0] for mask in hidden)))]
     bounds = torch.linspace(0, dim, count + 1).round().long().tolist()
 
     def width(reached: Tensor) -> int:
