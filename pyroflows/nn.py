@@ -43,6 +43,13 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+# draws x inputs x units from which a MADE's Jacobian is taken in blocks of rows: below it the
+# blocks' overhead costs more than their zeros would (CPU, one thread: 8 draws of a 31-D
+# network with 94 units 0.55 ms in blocks against 0.34 dense; 128 draws of 62-62 units 1.3
+# against 3.0 ms)
+BLOCKED_WORK = 150_000
+
+
 class MADE(nn.Module):
     """Masked autoregressive network (Germain et al., 2015), optionally conditional.
 
@@ -108,8 +115,9 @@ class MADE(nn.Module):
         ∂x_j`` (each coordinate's own outputs; with ``ordered``, rows and columns taken in
         the order ``permutation``, which makes it lower triangular), and ``(..., dim)`` with
         entry ``j = Σ_{k,i} vector[k, i] ∂ output k at i / ∂x_j``. In that order a block of
-        rows reaches only leading units of each layer (Pyro's masks sort them by degree),
-        so the rows are taken a block at a time and the zeros are not multiplied."""
+        rows reaches only leading units of each layer (Pyro's masks sort them by degree), so
+        for many draws (``BLOCKED_WORK``) the rows are taken a block at a time and the zeros
+        are not multiplied."""
         p = self.params.free()
         (weight, bias), *others = [
             (p[f"weight{i}"] * getattr(self, f"mask{i}"), p[f"bias{i}"]) for i in range(self.depth)
@@ -145,7 +153,8 @@ class MADE(nn.Module):
                 if ordered:
                     order = self.permutation
                     first, last, rows = first[:, order], last[:, order], rows[..., order]
-                    blocks = self._blocks
+                    if rows.numel() // self.outputs * last.shape[-1] >= BLOCKED_WORK:
+                        blocks = self._blocks
                 v = vector.flatten(-2) @ weights[-1]
                 for i in reversed(range(len(gates))):
                     v = (v * gates[i]) @ weights[i]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 
 import pyro.distributions as dist
@@ -271,13 +272,18 @@ def test_score_pullback_matches_autograd(case: Case, saturated: bool):
     [(5, (7,), 3), (5, (6, 5, 4), 3), (29, (40, 35), 3), (29, (12,), 0)],  # 29: in row blocks
 )
 @pytest.mark.parametrize("outputs", [2, 7])  # a few outputs: multiply-adds; many: einsum
+@pytest.mark.parametrize("blocked", [False, True])
 def test_made_jacobian_products_match_autograd(
-    dim: int, hidden: tuple, context_dim: int, outputs: int
+    dim: int, hidden: tuple, context_dim: int, outputs: int, blocked: bool, monkeypatch
 ):
     """The MADE's graph-free Jacobian products, with or without a context and a random
     order, against autograd's Jacobian; in that order the rows' product is lower triangular
-    (and taken in blocks of rows for the larger network, some reaching no unit at all)."""
+    (taken dense, or, however few the draws, in blocks of rows for the larger network,
+    some blocks reaching no unit at all)."""
+    from pyroflows import nn
     from pyroflows.nn import MADE
+
+    monkeypatch.setattr(nn, "BLOCKED_WORK", 0 if blocked else math.inf)
 
     f64 = torch.float64
     torch.manual_seed(0)
