@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn import ParameterMap, solve_increasing
+from ..nn import ParameterMap
+from ..roots import solve_increasing
 from .base import Flow, Params
 
 

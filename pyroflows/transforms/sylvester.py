@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..nn import ParameterMap, matvec, solve_increasing
+from ..nn import ParameterMap, matvec
+from ..roots import solve_increasing
 from .base import Flow, Params
 
 KINDS = ("orthogonal", "householder", "triangular")
