@@ -94,7 +94,7 @@ class MADE(nn.Module):
         self.depth = len(layers)
         self.register_buffer("permutation", permutation.clone(), persistent=False)
         bools = [m.bool() for m in masks]
-        self._whole = [(0, dim, (dim, *hidden))]
+        self._dense = [(0, dim, (dim, *hidden))]  # one block: every row, input and unit
         first, last = bools[0][:, context_dim:], bools[-1].unflatten(0, (outputs, dim))
         self._blocks = _jacobian_blocks(first[:, permutation], bools[1:-1], last[:, permutation])
 
@@ -149,11 +149,12 @@ class MADE(nn.Module):
                 rows: Tensor, vector: Tensor, ordered: bool = False
             ) -> tuple[Tensor, Tensor]:
                 first, last = weights[0], weights[-1].unflatten(0, shape)  # (outputs, dim, units)
-                blocks = self._whole
+                blocks = self._dense
                 if ordered:
                     order = self.permutation
                     first, last, rows = first[:, order], last[:, order], rows[..., order]
-                    if rows.numel() // self.outputs * last.shape[-1] >= BLOCKED_WORK:
+                    work = rows.numel() // self.outputs * last.shape[-1]
+                    if self._blocks and work >= BLOCKED_WORK:
                         blocks = self._blocks
                 v = vector.flatten(-2) @ weights[-1]
                 for i in reversed(range(len(gates))):
@@ -166,7 +167,7 @@ class MADE(nn.Module):
                         r = (r * gates[i][..., None, : widths[i + 1]]) @ weight[
                             : widths[i + 1], : widths[i]
                         ]
-                    if len(blocks) == 1 and r.shape[-1] == self.dim:
+                    if len(blocks) == 1:  # dense: the whole Jacobian, as computed
                         return r, v
                     if lower is None:  # each entry written once, the zeros beyond a block too
                         lower = r.new_empty((*r.shape[:-2], self.dim, self.dim))
@@ -197,11 +198,12 @@ def _jacobian_blocks(
     autoregressive order: ``(start, end, widths)`` with ``widths`` the leading inputs and
     units of each hidden layer that rows ``start:end`` can reach (beyond them every
     product is zero). ``first`` is ``(units, dim)``, ``hidden`` the masks between hidden
-    layers and ``last`` ``(outputs, dim, units)``, all boolean."""
+    layers and ``last`` ``(outputs, dim, units)``, all boolean; none for a network too small
+    to split (under ``2 rows_per_block`` inputs): it is taken dense."""
     dim = first.shape[1]
-    count = max(1, min(8, dim // rows_per_block))
-    if count == 1:  # a small network: one dense block, returned as it is
-        return [(0, dim, (dim, first.shape[0], *(mask.shape[0] for mask in hidden)))]
+    count = min(8, dim // rows_per_block)
+    if count < 2:
+        return []
     bounds = torch.linspace(0, dim, count + 1).round().long().tolist()
 
     def width(reached: Tensor) -> int:

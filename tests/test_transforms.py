@@ -281,14 +281,13 @@ def test_made_jacobian_products_match_autograd(
     (taken dense, or, however few the draws, in blocks of rows for the larger network,
     some blocks reaching no unit at all)."""
     from pyroflows import nn
-    from pyroflows.nn import MADE
 
     monkeypatch.setattr(nn, "BLOCKED_WORK", 0 if blocked else math.inf)
 
     f64 = torch.float64
     torch.manual_seed(0)
     order = torch.randperm(dim)
-    net = MADE(dim, hidden, context_dim=context_dim, permutation=order, outputs=outputs)
+    net = nn.MADE(dim, hidden, context_dim=context_dim, permutation=order, outputs=outputs)
     net = net.double()
     assert (len(net._blocks) > 1) == (dim > 16)
     x, context = torch.randn(2, dim, dtype=f64), torch.randn(2, context_dim, dtype=f64)
