@@ -193,16 +193,20 @@ def test_a_factor_model_with_improper_sites_fits_as_written():
         assert (r.sample((100,))["s"] > 0).all()
 
 
-def test_sample_command_writes_draws_diagnostics_and_figures(tmp_path, capsys):
+def test_sample_command_writes_draws_diagnostics_and_figures(tmp_path, capsys, monkeypatch):
     import json
 
     import arviz as az
 
     from pyroflows.cli import main
 
-    for name, dim in (("banana", None), ("funnel", 3)):
+    fits, fit = [], pf.fit  # the command's fits, to see the networks it built
+    monkeypatch.setattr(pf, "fit", lambda *a, **k: fits.append(fit(*a, **k)) or fits[-1])
+
+    for name, dim, flow in (("banana", None, "planar"), ("funnel", 3, "iaf")):
         out = tmp_path / name
-        args = ["sample", "--target", name, "--flow", "planar", "--layers", "2", "--steps", "5"]
+        args = ["sample", "--target", name, "--flow", flow, "--layers", "2", "--steps", "5"]
+        args += ["--hidden-dims", "7", "5"] if flow == "iaf" else []
         args += ["--num-eval", "300", "--out", str(out)] + (["--dim", str(dim)] if dim else [])
         args += ["--repeats", "2"] if dim is None else []
         with warnings.catch_warnings():  # five steps: a poor fit, which may warn
@@ -212,6 +216,10 @@ def test_sample_command_writes_draws_diagnostics_and_figures(tmp_path, capsys):
         assert "PSIS k-hat" in printed and "standard errors" in printed
         report = json.loads((out / "diagnostics.json").read_text())
         assert report["verdict"] in ("good", "usable", "unreliable") and report["steps"] == 5
+        assert report["hidden_dims"] == ([7, 5] if flow == "iaf" else None)
+        if flow == "iaf":
+            net = fits[-1].q.transforms[0].parts[0].net
+            assert (net.mask0.shape[0], net.mask1.shape[0]) == (7, 5)
         assert {"forward_kl", "sliced_wasserstein", "k_hat", "ess"} <= set(report)
         idata = az.from_netcdf(str(out / "samples.nc"))
         assert idata.posterior["x"].shape == (1, 300, dim or 2)
@@ -230,6 +238,9 @@ def test_sample_command_refuses_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--target", "u1", "--dim", "3", "--out", "x"])
     assert "fixed dimension" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--target", "u1", "--flow", "planar", "--hidden-dims", "8", "--out", "x"])
+    assert "--hidden-dims: the recipe 'planar' has no network" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
