@@ -32,6 +32,11 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
     vae.add_argument("--architecture", default="mlp", choices=ARCHITECTURES,
                      help="mlp, or conv (gated convolutions, 28x28 only)")  # fmt: skip
     vae.add_argument("--hidden-dim", type=positive_int, default=300, help="MLP width (300)")
+    vae.add_argument("--flow-hidden-dims", type=positive_int, nargs="+", default=None,
+                     metavar="WIDTH", help="widths of each flow layer's network (iaf: the "
+                     "MADE, e.g. 320 as in the Sylvester paper; planar, radial, Sylvester: the "
+                     "map from the encoder's output to the layer's parameters; cnf: the "
+                     "dynamics)")  # fmt: skip
     vae.add_argument("--cnf-trace", default="exact", choices=["exact", "hutchinson"],
                      help="a CNF's trace in training (FFJORD: hutchinson); evaluation is exact")
     vae.add_argument("--data", default="digits",
@@ -80,6 +85,10 @@ def _run(cli: argparse.ArgumentParser, args: argparse.Namespace, device: torch.d
         data = load(args.data, binarize=args.binarize, seed=args.seed).to(device)
         torch.manual_seed(args.seed)
         options = {"trace": args.cnf_trace} if args.flow == "cnf" else {}
+        if args.flow_hidden_dims is not None:
+            if args.flow == "none":
+                raise ValueError("--flow-hidden-dims: the posterior 'none' has no flow")
+            options["hidden_dims"] = tuple(args.flow_hidden_dims)
         vae = VAE(data.image_shape, args.latent_dim, args.flow, args.layers,
                   architecture=args.architecture, hidden_dim=args.hidden_dim,
                   **options)  # fmt: skip
