@@ -2,7 +2,7 @@
 pyroflows' recipes against Pyro's guides at the same budget.
 
     python benchmarks/reverse_kl.py [--device cuda] [--steps 2000] [--particles 256]
-        [--targets u1 funnel ...] [--flows realnvp sylvester-h ...]
+        [--targets u1 funnel ...] [--flows realnvp sylvester-h ...] [--merge]
 
 Every contender gets the same steps, particles per step, optimiser (Adam, ``--lr``, cosine
 schedule to zero) and seed. pyroflows fits each density with :func:`pyroflows.fit`; Pyro's
@@ -12,14 +12,17 @@ guides (``AutoIAFNormal`` with 2 layers; ``AutoNormalizingFlow`` with 8 planar l
 Pyro model already, which pyroflows fits through ``AutoFlow``. Then
 ``--num-eval`` draws of each give the importance ESS, the PSIS k-hat (arviz) and log Z, whose
 error is reported where the target's log Z is known. Time per step is the mean over the fit
-(fits run one after another, so compare ratios of like with like). Prints a table and writes
-benchmarks/results/reverse_kl.json (reverse_kl-cuda.json on CUDA).
+(fits run one after another, so compare ratios of like with like). ``--flows`` also takes
+named settings of a recipe (``VARIANTS``: ``iaf-1x64-stl``, one IAF layer of width 64 with
+STL, the funnel's best). Prints a table and writes benchmarks/results/reverse_kl.json
+(reverse_kl-cuda.json on CUDA); ``--merge`` keeps the rows of what it did not run.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import time
 import warnings
@@ -43,6 +46,12 @@ TARGETS = {  # name: (target name, dim)
     "funnel-10": ("funnel", 10), "banana-10": ("banana", 10), "many-well-32": ("many-well", 32),
     "logistic-regression": ("logistic-regression", None),  # a Pyro model: pyroflows.posteriors
 }  # fmt: skip
+
+
+# named settings of a recipe, chosen like recipes with --flows: name -> (recipe, fit's options)
+VARIANTS = {  # the funnel's best: one wide IAF layer with STL (see docs/sampling.md)
+    "iaf-1x64-stl": ("iaf", {"num_layers": 1, "hidden_dims": (64, 64), "estimator": "stl"}),
+}
 
 
 def density(label: str, device) -> pf.targets.Target | Callable[[], None]:
@@ -105,10 +114,12 @@ def fit_pyro(make, target, args, device) -> dict:
 
 
 def fit_ours(flow: str, target, args, device) -> dict:
+    recipe, options = VARIANTS.get(flow, (flow, {}))
+    options = {"estimator": args.estimator, **options}
     start = time.perf_counter()
-    r = pf.fit(target, flow, steps=args.steps, particles=args.particles, lr=args.lr,
-               estimator=args.estimator, num_eval=args.num_eval, seed=args.seed, device=device,
-               progress=False)  # fmt: skip
+    r = pf.fit(target, recipe, steps=args.steps, particles=args.particles, lr=args.lr,
+               num_eval=args.num_eval, seed=args.seed, device=device, progress=False,
+               **options)  # fmt: skip
     common.sync(device)
     step_ms = 1e3 * (time.perf_counter() - start) / args.steps  # evaluation included: < 1 %
     out = {"step_ms": step_ms, **_figures(r.diagnostics, target)}
@@ -135,7 +146,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--flows", nargs="+", default=["realnvp", "iaf", "planar", "sylvester-h",
-                        "nsf-ar", "nsf-coupling"])  # fmt: skip
+                        "nsf-ar", "nsf-coupling"],
+                        help=f"recipes, or named settings: {', '.join(VARIANTS)}")  # fmt: skip
     parser.add_argument(
         "--estimator",
         default="standard",
@@ -143,6 +155,8 @@ def main() -> None:
         help="pyroflows' gradient estimator (Pyro's guides: standard)",
     )
     parser.add_argument("--no-pyro", action="store_true", help="pyroflows' recipes only")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the existing JSON's rows of the pairs not run now")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
@@ -171,8 +185,28 @@ def main() -> None:
             )
     settings = {k: getattr(args, k) for k in ("steps", "particles", "lr", "num_eval", "seed",
                                               "estimator")}  # fmt: skip
+    for row in rows:
+        if row["contender"].removeprefix("pyroflows ") in VARIANTS:
+            row["options"] = VARIANTS[row["contender"].removeprefix("pyroflows ")][1]
+    if args.merge:
+        rows, settings = _merged(rows, settings, device)
     common.write("reverse_kl", device, {"settings": settings, "rows": rows},
                  pyro=pyro.__version__)  # fmt: skip
+
+
+def _merged(rows: list[dict], settings: dict, device: torch.device) -> tuple[list, dict]:
+    """The existing rows, each (target, contender) run now replaced or added after its
+    target's rows, and the existing settings (notes included), which must be these."""
+    old = json.loads(common.result_path("reverse_kl", device).read_text())
+    differ = {k for k in settings if k in old["settings"] and old["settings"][k] != settings[k]}
+    if differ:
+        raise SystemExit(f"--merge: settings differ from the existing run's: {sorted(differ)}")
+    new = {(r["target"], r["contender"]): r for r in rows}
+    merged = [new.pop((r["target"], r["contender"]), r) for r in old["rows"]]
+    for key, row in new.items():
+        last = max((i for i, r in enumerate(merged) if r["target"] == key[0]), default=None)
+        merged.insert(len(merged) if last is None else last + 1, row)
+    return merged, old["settings"] | settings
 
 
 if __name__ == "__main__":

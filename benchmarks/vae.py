@@ -2,6 +2,7 @@
 hand-written torch loop with the same networks.
 
     python benchmarks/vae.py [--device cuda] [--rounds 7] [--steps 20] [--threads 1]
+        [--flow-hidden-dims 320]
 
 The VAE is the IAF paper's MLP one: 784-300-300 encoder and decoder, 40 latent dimensions, a
 2-layer IAF conditioned on the encoder's output, batch 100, Adamax. Contenders, each timed
@@ -18,7 +19,8 @@ Ratios are medians over rounds of the per-round ratio to the hand-written loop, 
 min-max spread; peak memory per step is torch's above what was allocated before the step
 (CPU profiler or CUDA max allocated), gradients held between steps by every contender. Images
 are statically binarized MNIST from ../shared/data when present, random bits otherwise (the
-time does not depend on the pixel values). Writes benchmarks/results/vae.json.
+time does not depend on the pixel values). Writes benchmarks/results/vae.json, or
+vae-made320.json with ``--flow-hidden-dims 320`` (the MADE's widths; default two of 80).
 """
 
 from __future__ import annotations
@@ -66,12 +68,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--flow-hidden-dims", type=int, nargs="+", default=None,
+                        help="the MADE's widths (default: two of 80)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
     x, source = images(args.batch, device)
     torch.manual_seed(0)
-    vae = VAE((28, 28), latent_dim=40, flow="iaf", num_layers=2, hidden_dim=300).to(device)
+    made = {} if args.flow_hidden_dims is None else {"hidden_dims": tuple(args.flow_hidden_dims)}
+    vae = VAE((28, 28), latent_dim=40, flow="iaf", num_layers=2, hidden_dim=300, **made)
+    vae.to(device)
     torch.testing.assert_close(  # the hand-written objective is the same function
         (torch.manual_seed(1), hand_loss(vae, x))[1], (torch.manual_seed(1), vae.loss(x))[1]
     )
@@ -126,8 +132,9 @@ def main() -> None:
         rows.append(row)
         print(f"{name:30}{ms:9.2f}  {common.ratio_text(r):24}{peak:9.1f}{extra}")
     settings = {"rounds": args.rounds, "steps": args.steps, "batch": args.batch, "images": source,
-                "latent_dim": 40, "hidden_dim": 300, "flow": "iaf x2"}  # fmt: skip
-    common.write("vae", device, {"settings": settings, "rows": rows}, pyro=pyro.__version__)
+                "latent_dim": 40, "hidden_dim": 300, "flow": "iaf x2", **made}  # fmt: skip
+    name = "vae" + ("-made" + "x".join(map(str, args.flow_hidden_dims)) if made else "")
+    common.write(name, device, {"settings": settings, "rows": rows}, pyro=pyro.__version__)
 
 
 if __name__ == "__main__":
