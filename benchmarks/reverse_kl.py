@@ -114,17 +114,18 @@ def fit_pyro(make, target, args, device) -> dict:
 
 
 def fit_ours(flow: str, target, args, device) -> dict:
-    recipe, options = VARIANTS.get(flow, (flow, {}))
-    options = {"estimator": args.estimator, **options}
+    recipe, variant = VARIANTS.get(flow, (flow, {}))
     start = time.perf_counter()
     r = pf.fit(target, recipe, steps=args.steps, particles=args.particles, lr=args.lr,
                num_eval=args.num_eval, seed=args.seed, device=device, progress=False,
-               **options)  # fmt: skip
+               **{"estimator": args.estimator, **variant})  # fmt: skip
     common.sync(device)
     step_ms = 1e3 * (time.perf_counter() - start) / args.steps  # evaluation included: < 1 %
     out = {"step_ms": step_ms, **_figures(r.diagnostics, target)}
     if r.stopped:
         out["stopped"] = r.stopped
+    if variant:
+        out["options"] = variant
     return out
 
 
@@ -185,9 +186,6 @@ def main() -> None:
             )
     settings = {k: getattr(args, k) for k in ("steps", "particles", "lr", "num_eval", "seed",
                                               "estimator")}  # fmt: skip
-    for row in rows:
-        if row["contender"].removeprefix("pyroflows ") in VARIANTS:
-            row["options"] = VARIANTS[row["contender"].removeprefix("pyroflows ")][1]
     if args.merge:
         rows, settings = _merged(rows, settings, device)
     common.write("reverse_kl", device, {"settings": settings, "rows": rows},
