@@ -152,12 +152,24 @@ def _tol(name: str) -> float:
     return 1e-6 if "cnf" in name else 1e-9
 
 
-CASES = [
-    Case(f"{name}{'-amortized' if c else ''}", make, c, _tol(name))
-    for name, make in FAMILIES.items()
-    for c in (0, CONTEXT_DIM)
-] + [
-    Case(f"recipe-{name}{'-amortized' if c else ''}", partial(_recipe, name), c, _tol(name))
-    for name in pf.flows.RECIPES
-    for c in (0, CONTEXT_DIM)
-]
+# families that exist only amortized
+AMORTIZED = {
+    "cnf-low-rank": partial(Continuous, DIM, hidden_dims=(8, 5), rank=2, **ODE_TOL),
+    "cnf-low-rank-checkpoint": partial(
+        Continuous, DIM, hidden_dims=(6,), rank=1, checkpoint=True, **ODE_TOL
+    ),
+}
+
+CASES = (
+    [
+        Case(f"{name}{'-amortized' if c else ''}", make, c, _tol(name))
+        for name, make in FAMILIES.items()
+        for c in (0, CONTEXT_DIM)
+    ]
+    + [Case(name, make, CONTEXT_DIM, _tol(name)) for name, make in AMORTIZED.items()]
+    + [
+        Case(f"recipe-{name}{'-amortized' if c else ''}", partial(_recipe, name), c, _tol(name))
+        for name in pf.flows.RECIPES
+        for c in (0, CONTEXT_DIM)
+    ]
+)

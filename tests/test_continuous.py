@@ -207,6 +207,8 @@ def test_step_budget_raises_instead_of_hanging():
         ({"trace_scale": 0.0}, "trace_scale must be a positive finite number"),
         ({"norm": "l1"}, "norm must be one of 'rms', 'max'"),
         ({"adjoint": True, "checkpoint": True}, "adjoint and checkpoint are alternatives"),
+        ({"rank": -1, "context_dim": 3}, "rank must be a non-negative integer"),
+        ({"rank": 2}, "rank: low-rank amortized dynamics read their weights from a context"),
     ],
 )
 def test_bad_options(options, message):
@@ -222,6 +224,31 @@ def test_bad_trace_assignment_and_context_shape():
         flow.rtol = -1.0
     with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 3\)"):
         flow.condition(torch.randn(4, 2))
+
+
+def test_low_rank_dynamics_are_per_sample_linear_layers():
+    """``rank=k``: each layer is ``W h + b + h U V / √in + b(c)`` with ``U``, ``V``, ``b(c)``
+    read from the context; untrained, the amortized part is zero."""
+    torch.manual_seed(0)
+    flow = Continuous(3, context_dim=4, hidden_dims=(5,), rank=2, freqs=1).double()
+    f, s, z = flow.dynamics, torch.tensor(0.3, dtype=f64), torch.randn(6, 3, dtype=f64)
+    c = torch.randn(6, 4, dtype=f64)
+    assert torch.equal(f.velocity(s, z, f.context_term(c)), f.velocity(s, z, None))
+    with torch.no_grad():
+        f.amortized.weight.normal_()
+        f.amortized.bias.normal_()
+    features = torch.stack([torch.cos(torch.pi * s), torch.sin(torch.pi * s)]).reshape(1, 2)
+    first, act, last = f.net
+    h = z
+    for i, (layer, (n_in, n_out)) in enumerate(zip((first, last), [(3, 5), (5, 3)], strict=True)):
+        params = f.amortized(c).split(f.sizes, -1)[i]
+        u = params[:, : 2 * n_in].reshape(6, n_in, 2)
+        v = params[:, 2 * n_in : 2 * (n_in + n_out)].reshape(6, 2, n_out)
+        weight = (u @ v) / n_in**0.5  # each sample's own (in, out) matrix
+        inputs = torch.cat([h, features.expand(6, 2)], -1) if i == 0 else h
+        h = layer(inputs) + torch.einsum("ni,nio->no", h, weight) + params[:, -n_out:]
+        h = act(h) if i == 0 else h
+    assert torch.allclose(f.velocity(s, z, f.context_term(c)), h)
 
 
 def test_cnf_recipe_fits_a_2d_density():

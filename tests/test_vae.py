@@ -283,6 +283,9 @@ def test_the_vae_command_trains_evaluates_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--flow", "none", "--flow-hidden-dims", "8"])
     assert "--flow-hidden-dims: the posterior 'none' has no flow" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--cnf-rank", "4"])
+    assert "--cnf-rank: the posterior 'planar' is not a CNF" in capsys.readouterr().err
 
 
 def test_the_vae_command_trains_a_cnf_on_hutchinson_traces(tmp_path):
@@ -294,8 +297,8 @@ def test_the_vae_command_trains_a_cnf_on_hutchinson_traces(tmp_path):
     assert main(["vae", "--data", "digits", "--flow", "cnf", "--layers", "1", "--latent-dim",
                  "2", "--hidden-dim", "16", "--batch-size", "500", "--epochs", "1",
                  "--cnf-trace", "hutchinson", "--eval-samples", "4", "--eval-images", "4",
-                 "--flow-hidden-dims", "8", "8", "--no-progress",
+                 "--flow-hidden-dims", "8", "8", "--cnf-rank", "2", "--no-progress",
                  "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "results.json").read_text())
     assert report["vae"]["trace"] == "hutchinson" and report["test"]["images"] == 4
-    assert report["vae"]["hidden_dims"] == [8, 8]
+    assert report["vae"]["hidden_dims"] == [8, 8] and report["vae"]["rank"] == 2

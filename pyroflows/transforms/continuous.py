@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from .. import _checks
-from ..nn import mlp
 from ._checkpoint import odeint_checkpointed
 from .base import Flow
+from .dynamics import Dynamics
 
 TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
 FIXED_METHODS = ("rk4", "midpoint", "euler")
-ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
 REGULARIZERS = ("kinetic", "jacobian")
 NORMS = ("rms", "max")
 SETTINGS: dict[str, Callable[[str, Any], Any]] = {
@@ -40,58 +36,6 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "checkpoint": lambda _, value: bool(value),
     "regularize": lambda _, value: bool(value),
 }
-
-
-class Dynamics(nn.Module):
-    """``dz/ds = T f(z, sT, c)`` for ``s`` in ``[0, 1]``: an MLP on ``z``, Fourier features of
-    the time ``t = sT`` (``cos(kπt), sin(kπt)``, ``k = 1..freqs``) and the context ``c``.
-
-    Integrating over ``s`` with the end time ``T`` as a factor makes ``T`` an ordinary
-    (optionally learnable) parameter of the dynamics, for direct and adjoint gradients alike.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int],
-        activation: str,
-        freqs: int,
-        time: float,
-        learn_time: bool,
-    ) -> None:
-        super().__init__()
-        act = ACTIVATIONS[_checks.one_of("activation", activation, ACTIVATIONS)]
-        hidden = _checks.int_sequence("hidden_dims", hidden_dims)
-        self.split = dim + 2 * freqs  # first-layer inputs before the context's
-        self.net = mlp(self.split + context_dim, hidden, dim, activation=act)
-        self.register_buffer("freqs", torch.arange(1, freqs + 1) * math.pi, persistent=False)
-        log_time = torch.tensor(math.log(_checks.positive_number("time", time)))
-        if learn_time:
-            self.log_time = nn.Parameter(log_time)
-        else:
-            self.register_buffer("log_time", log_time)
-
-    def context_term(self, context: Tensor | None) -> Tensor | None:
-        """The context's share of the first layer, ``W_c c``."""
-        if context is None:
-            return None
-        return F.linear(context, self.net[0].weight[:, self.split :])
-
-    def velocity(self, s: Tensor, z: Tensor, context_term: Tensor | None) -> Tensor:
-        """``T f(z, sT, c)``; the first layer is applied by parts, ``W [z; φ(t); c] + b =
-        W_z z + (W_φ φ(t) + b) + W_c c``, so no per-sample concatenation is needed."""
-        end = self.log_time.exp()
-        angles = self.freqs * (s * end)
-        first, dim = self.net[0], z.shape[-1]
-        features = torch.cat([angles.cos(), angles.sin()])
-        bias = torch.addmv(first.bias, first.weight[:, dim : self.split], features)
-        h = F.linear(z, first.weight[:, :dim], bias)
-        if context_term is not None:
-            h = h + context_term
-        for layer in itertools.islice(self.net, 1, None):
-            h = layer(h)
-        return end * h
 
 
 class _Solve:
@@ -187,7 +131,9 @@ class Continuous(Flow):
     ``f`` is an MLP (``hidden_dims``, ``activation`` in ``tanh``, ``softplus``, ``elu``) on ``z``,
     Fourier features of ``t`` and, with ``context_dim > 0``, the context (amortized dynamics:
     the encoder's context is an input of the network at every time; its share of the first
-    layer is computed once per solve).
+    layer is computed once per solve). ``rank=k > 0`` amortizes instead as FFJORD's VAE does:
+    every layer gets a rank-``k`` weight and a bias of its own per sample, read from the
+    context (see :class:`~pyroflows.transforms.dynamics.Dynamics`).
 
     Solver: ``method`` (adaptive ``dopri5`` (default), ``dopri8``, ``bosh3``,
     ``adaptive_heun`` with ``rtol``/``atol`` and at most ``max_num_steps`` steps, the error
@@ -227,6 +173,7 @@ class Continuous(Flow):
         hidden_dims: Sequence[int] = (64, 64),
         activation: str = "tanh",
         freqs: int = 3,
+        rank: int = 0,
         trace: str = "exact",
         probe: str = "rademacher",
         method: str = "dopri5",
@@ -244,7 +191,9 @@ class Continuous(Flow):
     ) -> None:
         super().__init__(dim, context_dim=context_dim)
         _checks.nonnegative_int("freqs", freqs)
-        self.dynamics = Dynamics(dim, context_dim, hidden_dims, activation, freqs, time, learn_time)
+        self.dynamics = Dynamics(
+            dim, context_dim, hidden_dims, activation, freqs, time, learn_time, rank
+        )
         self.trace, self.probe, self.method = trace, probe, method
         self.rtol, self.atol, self.trace_scale, self.norm = rtol, atol, trace_scale, norm
         self.max_num_steps, self.num_steps = max_num_steps, num_steps

@@ -38,7 +38,12 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
                      "map from the encoder's output to the layer's parameters; cnf: the "
                      "dynamics)")  # fmt: skip
     vae.add_argument("--cnf-trace", default="exact", choices=["exact", "hutchinson"],
-                     help="a CNF's trace in training (FFJORD: hutchinson); evaluation is exact")
+                     help="a CNF's trace in training (FFJORD: hutchinson); evaluation "
+                     "is exact")  # fmt: skip
+    vae.add_argument("--cnf-rank", type=int, default=0, metavar="K",
+                     help="a CNF's amortization: each layer of the dynamics gets a rank-K weight "
+                     "and a bias per image, read from the encoder (FFJORD's VAE); default 0, "
+                     "the encoder's output is an input of the dynamics")  # fmt: skip
     vae.add_argument("--data", default="digits",
                      help="digits (bundled, no download), mnist (see PYROFLOWS_DATA), or the "
                      "path of an .npz file or a folder of .amat or IDX files")  # fmt: skip
@@ -85,6 +90,10 @@ def _run(cli: argparse.ArgumentParser, args: argparse.Namespace, device: torch.d
         data = load(args.data, binarize=args.binarize, seed=args.seed).to(device)
         torch.manual_seed(args.seed)
         options = {"trace": args.cnf_trace} if args.flow == "cnf" else {}
+        if args.cnf_rank:
+            if args.flow != "cnf":
+                raise ValueError(f"--cnf-rank: the posterior {args.flow!r} is not a CNF")
+            options["rank"] = args.cnf_rank
         if args.flow_hidden_dims is not None:
             if args.flow == "none":
                 raise ValueError("--flow-hidden-dims: the posterior 'none' has no flow")

@@ -1,0 +1,122 @@
+"""The right-hand side of a continuous flow: an MLP in the state, time features and context."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _checks
+from ..nn import mlp
+
+# the context's contribution to the dynamics: a first-layer term, or each layer's (U, V, b)
+Context = Tensor | list[tuple[Tensor, Tensor, Tensor]] | None
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+class Dynamics(nn.Module):
+    """``dz/ds = T f(z, sT, c)`` for ``s`` in ``[0, 1]``: an MLP on ``z``, Fourier features of
+    the time ``t = sT`` (``cos(kπt), sin(kπt)``, ``k = 1..freqs``) and the context ``c``.
+
+    The context enters in one of two ways. With ``rank=0`` it is an input of the first layer
+    (its share, ``W_c c``, computed once per solve). With ``rank=k > 0`` every linear layer
+    ``W h + b`` also adds ``(U(c) V(c))ᵀ h / √in + b(c)``, ``U(c)`` of shape ``(in, k)`` and
+    ``V(c)`` of ``(k, out)``: a weight update of rank ``k`` and a bias per sample, all read
+    from the context by one linear map, FFJORD's amortized low-rank dynamics for VAEs.
+    ``V(c)`` and ``b(c)`` start at zero, so an untrained flow is the shared network.
+
+    Integrating over ``s`` with the end time ``T`` as a factor makes ``T`` an ordinary
+    (optionally learnable) parameter of the dynamics, for direct and adjoint gradients alike.
+
+    >>> f = Dynamics(2, 3, (8,), "tanh", freqs=1, time=1.0, learn_time=False, rank=2)
+    >>> term = f.context_term(torch.randn(5, 3))
+    >>> f.velocity(torch.tensor(0.5), torch.randn(5, 2), term).shape
+    torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        hidden_dims: Sequence[int],
+        activation: str,
+        freqs: int,
+        time: float,
+        learn_time: bool,
+        rank: int = 0,
+    ) -> None:
+        super().__init__()
+        act = ACTIVATIONS[_checks.one_of("activation", activation, ACTIVATIONS)]
+        hidden = _checks.int_sequence("hidden_dims", hidden_dims)
+        self.rank = _checks.nonnegative_int("rank", rank)
+        if rank and not context_dim:
+            raise ValueError(
+                f"rank: low-rank amortized dynamics read their weights from a context; got "
+                f"rank={rank} with context_dim=0 (set context_dim, or rank=0)"
+            )
+        self.split = dim + 2 * freqs  # first-layer inputs before the context's
+        self.net = mlp(self.split + (0 if rank else context_dim), hidden, dim, activation=act)
+        self.register_buffer("freqs", torch.arange(1, freqs + 1) * math.pi, persistent=False)
+        log_time = torch.tensor(math.log(_checks.positive_number("time", time)))
+        if learn_time:
+            self.log_time = nn.Parameter(log_time)
+        else:
+            self.register_buffer("log_time", log_time)
+        if rank:
+            widths = (dim, *hidden, dim)
+            self.layer_shapes = list(itertools.pairwise(widths))
+            self.sizes = [rank * (i + o) + o for i, o in self.layer_shapes]
+            self.amortized = nn.Linear(context_dim, sum(self.sizes))
+            with torch.no_grad():  # V(c) and b(c) of every layer start at zero
+                for params in (self.amortized.bias, self.amortized.weight.T):
+                    for chunk, (i, _) in zip(self._chunks(params), self.layer_shapes, strict=True):
+                        chunk[..., rank * i :] = 0.0
+
+    def _chunks(self, params: Tensor) -> tuple[Tensor, ...]:
+        return params.split(self.sizes, dim=-1)
+
+    def context_term(self, context: Tensor | None) -> Context:
+        """What the context contributes, computed once per solve: ``W_c c`` (``rank=0``) or
+        each layer's ``(U(c) / √in, V(c), b(c))``."""
+        if context is None:
+            return None
+        if not self.rank:
+            return F.linear(context, self.net[0].weight[:, self.split :])
+        k, terms = self.rank, []
+        for params, (i, o) in zip(
+            self._chunks(self.amortized(context)), self.layer_shapes, strict=True
+        ):
+            u, v, b = params.split([k * i, k * o, o], dim=-1)
+            terms.append((u.unflatten(-1, (i, k)) / math.sqrt(i), v.unflatten(-1, (k, o)), b))
+        return terms
+
+    def velocity(self, s: Tensor, z: Tensor, context_term: Context) -> Tensor:
+        """``T f(z, sT, c)``; the first layer is applied by parts, ``W [z; φ(t); c] + b =
+        W_z z + (W_φ φ(t) + b) + W_c c``, so no per-sample concatenation is needed."""
+        end = self.log_time.exp()
+        angles = self.freqs * (s * end)
+        first, dim = self.net[0], z.shape[-1]
+        features = torch.cat([angles.cos(), angles.sin()])
+        bias = torch.addmv(first.bias, first.weight[:, dim : self.split], features)
+        h = F.linear(z, first.weight[:, :dim], bias)
+        layers = None
+        if isinstance(context_term, list):  # per-sample low-rank weights and biases
+            layers = iter(context_term)
+            h = h + _low_rank(z, *next(layers))
+        elif context_term is not None:
+            h = h + context_term
+        for module in list(self.net)[1:]:
+            out = module(h)
+            if layers is not None and isinstance(module, nn.Linear):
+                out = out + _low_rank(h, *next(layers))
+            h = out
+        return end * h
+
+
+def _low_rank(h: Tensor, u: Tensor, v: Tensor, b: Tensor) -> Tensor:
+    """``h U V + b`` for each sample's own ``U`` (in, k), ``V`` (k, out) and ``b``."""
+    return torch.matmul(torch.matmul(h.unsqueeze(-2), u), v).squeeze(-2) + b
