@@ -166,7 +166,9 @@ def test_resume_continues_bit_for_bit(tmp_path):
     fit_data(x, "realnvp", out=tmp_path / "b", epochs=2, **options)
     resumed = fit_data(x, "realnvp", out=tmp_path / "b", resume=True, epochs=4,
                        **options)  # fmt: skip
-    assert resumed.history == whole.history
+    assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert saved["best_epoch"] == whole.best_epoch  # recorded by the epoch that was the best
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
                     strict=True):  # fmt: skip
         assert torch.equal(a, b)

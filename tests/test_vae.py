@@ -190,10 +190,14 @@ def test_resume_continues_bit_for_bit(digits, tmp_path):
     train(fresh(), data, epochs=2, out=tmp_path / "cut", **settings)
     torch.manual_seed(123)  # whatever happens between the two runs
     resumed = train(fresh(), data, epochs=4, out=tmp_path / "cut", resume=True, **settings)
-    assert resumed.history == whole.history
-    a = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)["vae"]
-    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["vae"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
+    a = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+    assert all(torch.equal(a["vae"][k], b["vae"][k]) for k in a["vae"])
+    # the checkpoints record the epoch they were written at as the best where it was
+    assert a["best_epoch"] == b["best_epoch"] == whole.best_epoch
+    finished = train(fresh(), data, epochs=4, out=tmp_path / "whole", resume=True, **settings)
+    assert finished.best_epoch == whole.best_epoch
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
