@@ -249,6 +249,14 @@ def test_low_rank_dynamics_are_per_sample_linear_layers():
         h = layer(inputs) + torch.einsum("ni,nio->no", h, weight) + params[:, -n_out:]
         h = act(h) if i == 0 else h
     assert torch.allclose(f.velocity(s, z, f.context_term(c)), h)
+    # particles: leading dims of z beyond the context's become rows of each sample's product
+    particles = torch.stack([z, 2 * z, -z])
+    each = torch.stack([f.velocity(s, p, f.context_term(c)) for p in particles])
+    assert torch.allclose(f.velocity(s, particles, f.context_term(c)), each)
+    one = f.context_term(c[:1])  # and a context that broadcasts over the samples
+    assert torch.allclose(
+        f.velocity(s, z, one), f.velocity(s, z, f.context_term(c[:1].expand(6, 4)))
+    )
 
 
 def test_cnf_recipe_fits_a_2d_density():

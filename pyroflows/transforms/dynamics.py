@@ -118,5 +118,14 @@ class Dynamics(nn.Module):
 
 
 def _low_rank(h: Tensor, u: Tensor, v: Tensor, b: Tensor) -> Tensor:
-    """``h U V + b`` for each sample's own ``U`` (in, k), ``V`` (k, out) and ``b``."""
-    return torch.matmul(torch.matmul(h.unsqueeze(-2), u), v).squeeze(-2) + b
+    """``h U V + b`` for each sample's own ``U`` (in, k), ``V`` (k, out) and ``b``. Leading
+    dims of ``h`` beyond the samples' (particles, or the exact trace's replicas) become rows
+    of one product per sample, so that no weight is copied for them."""
+    batch = u.shape[:-2]
+    extra = h.dim() - 1 - len(batch)
+    if extra < 0 or h.shape[extra:-1] != batch:  # broadcast in the other direction
+        return torch.matmul(torch.matmul(h.unsqueeze(-2), u), v).squeeze(-2) + b
+    lead, rows = tuple(range(extra)), tuple(range(len(batch), len(batch) + extra))
+    flat = h.movedim(lead, rows).reshape(*batch, -1, h.shape[-1])  # (*batch, rows, in)
+    out = torch.matmul(torch.matmul(flat, u), v)
+    return out.reshape(*batch, *h.shape[:extra], -1).movedim(rows, lead) + b
