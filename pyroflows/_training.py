@@ -108,12 +108,17 @@ def resume_from(out: Path | None) -> Path:
 
 
 def after_epoch(
-    improved: bool, module: nn.Module, out: Path | None, save, bar, **postfix: str
+    run: Any, improved: bool, module: nn.Module, out: Path | None, save, bar, **postfix: str
 ) -> dict[str, Tensor] | None:  # fmt: skip
-    """The end of an epoch: with ``out``, ``save(path)`` writes ``best.pt`` when the epoch
-    ``improved`` and ``checkpoint.pt`` always; the bar shows ``postfix``. Returns a copy of
-    the module's state when it improved (``None`` otherwise)."""
-    best = copy_state(module) if improved else None
+    """The end of an epoch of ``run`` (its ``history`` holds this epoch): when it
+    ``improved``, ``run.best_epoch`` becomes this epoch before any checkpoint records it;
+    with ``out``, ``save(path)`` writes ``best.pt`` when it improved and ``checkpoint.pt``
+    always; the bar shows ``postfix``. Returns a copy of the module's state when it improved
+    (``None`` otherwise)."""
+    best = None
+    if improved:
+        run.best_epoch = len(run.history)
+        best = copy_state(module)
     if out is not None:
         if improved:
             save(out / BEST)

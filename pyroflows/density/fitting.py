@@ -235,15 +235,13 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
                 record[key.replace("nll", "bits_per_dim")] = record[key] / (model.dim * LOG_2)
         result.history.append(record)
         score = record.get("valid_nll", record["train_nll"])
-        better = score <= min(h.get("valid_nll", h["train_nll"]) for h in result.history)
-        if better:  # before the checkpoints that record it are written
-            result.best_epoch = epoch + 1
         improved = _training.after_epoch(
-            better, model, out,
-            lambda path: save_checkpoint(path, model, config, optimizer, result), bar,
-            nll=f"{score:.3f}",
+            result, score <= min(h.get("valid_nll", h["train_nll"]) for h in result.history),
+            model, out, lambda path: save_checkpoint(path, model, config, optimizer, result),
+            bar, nll=f"{score:.3f}",
         )  # fmt: skip
-        best_state = best_state if improved is None else improved
+        if improved is not None:
+            best_state = improved
     if bar is not None:
         bar.close()
     _training.restore_best(model, best_state, out, lambda path: load_checkpoint(path, model),

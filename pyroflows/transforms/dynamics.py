@@ -109,7 +109,7 @@ class Dynamics(nn.Module):
             h = h + _low_rank(z, *next(layers))
         elif context_term is not None:
             h = h + context_term
-        for module in list(self.net)[1:]:
+        for module in itertools.islice(self.net, 1, None):
             out = module(h)
             if layers is not None and isinstance(module, nn.Linear):
                 out = out + _low_rank(h, *next(layers))
@@ -119,8 +119,8 @@ class Dynamics(nn.Module):
 
 def _low_rank(h: Tensor, u: Tensor, v: Tensor, b: Tensor) -> Tensor:
     """``h U V + b`` for each sample's own ``U`` (in, k), ``V`` (k, out) and ``b``. Leading
-    dims of ``h`` beyond the samples' (particles, or the exact trace's replicas) become rows
-    of one product per sample, so that no weight is copied for them."""
+    dims of ``h`` beyond the samples' (particles) become rows of one product per sample, so
+    that no weight is copied for them."""
     batch = u.shape[:-2]
     extra = h.dim() - 1 - len(batch)
     if extra < 0 or h.shape[extra:-1] != batch:  # broadcast in the other direction

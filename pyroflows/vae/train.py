@@ -139,15 +139,13 @@ def train(
         valid = validation_loss(vae, data.valid, config.batch_size)
         run.history.append({"epoch": epoch + 1, "train_loss": total / len(images),
                             "valid_loss": valid, "kl_weight": beta})  # fmt: skip
-        better = valid <= run.best_valid
-        if better:  # before the checkpoints that record it are written
-            run.best_epoch = epoch + 1
         improved = _training.after_epoch(
-            better, vae, out if rank == 0 else None,
+            run, valid <= run.best_valid, vae, out if rank == 0 else None,
             lambda path: save_checkpoint(path, vae, config, optimizer, run), bar,
             valid=f"{valid:.2f}",
         )  # fmt: skip
-        best_state = best_state if improved is None else improved
+        if improved is not None:
+            best_state = improved
     if bar is not None:
         bar.close()
     # the best before resuming, where this call found none better
