@@ -20,6 +20,7 @@ from pyro.nn.auto_reg_nn import MaskedLinear, create_mask
 from torch import Tensor, nn
 
 from . import _checks
+from ._made_jacobian import MADEJacobian, Structure
 
 
 def mlp(
@@ -41,13 +42,6 @@ def mlp(
         layers += [nn.Linear(a, b), activation()]
     layers.append(nn.Linear(dims[-1], out_dim, bias=bias))
     return nn.Sequential(*layers)
-
-
-# draws x inputs x units from which a MADE's Jacobian is taken in blocks of rows: below it the
-# blocks' overhead costs more than their zeros would (CPU, one thread: 8 draws of a 31-D
-# network with 94 units 0.55 ms in blocks against 0.34 dense; 128 draws of 62-62 units 1.3
-# against 3.0 ms)
-BLOCKED_WORK = 150_000
 
 
 class MADE(nn.Module):
@@ -93,10 +87,7 @@ class MADE(nn.Module):
         self.params = ParameterMap(init)  # one tensor for an optimizer to update
         self.depth = len(layers)
         self.register_buffer("permutation", permutation.clone(), persistent=False)
-        bools = [m.bool() for m in masks]
-        self._dense = [(0, dim, (dim, *hidden))]  # one block: every row, input and unit
-        first, last = bools[0][:, context_dim:], bools[-1].unflatten(0, (outputs, dim))
-        self._blocks = _jacobian_blocks(first[:, permutation], bools[1:-1], last[:, permutation])
+        self._structure = Structure(masks, context_dim, permutation, outputs)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
         return self.bind(context)(x)
@@ -107,17 +98,10 @@ class MADE(nn.Module):
         inverse makes ``dim`` passes). With ``stacked`` it returns one view of shape
         ``(..., dim, outputs)`` rather than ``outputs`` tensors.
 
-        ``run(x, jacobian=True)`` also returns ``products(rows, vector, ordered=False)``,
-        the network's Jacobian in ``x`` applied to coefficients of the outputs' shape
-        ``(..., outputs, dim)``, without a graph, from the masked weights and the ReLUs'
-        gates (reverse accumulation, where autograd would take ``dim`` vector-Jacobian
-        products): ``(..., dim, dim)`` with entry ``[i, j] = Σ_k rows[k, i] ∂ output k at i /
-        ∂x_j`` (each coordinate's own outputs; with ``ordered``, rows and columns taken in
-        the order ``permutation``, which makes it lower triangular), and ``(..., dim)`` with
-        entry ``j = Σ_{k,i} vector[k, i] ∂ output k at i / ∂x_j``. In that order a block of
-        rows reaches only leading units of each layer (Pyro's masks sort them by degree), so
-        for many draws (``BLOCKED_WORK``) the rows are taken a block at a time and the zeros
-        are not multiplied."""
+        ``run(x, jacobian=True)`` also returns the network's Jacobian in ``x`` at these inputs
+        (:class:`pyroflows._made_jacobian.MADEJacobian`): products with it without a graph,
+        from the masked weights and the ReLUs' gates, where autograd would take ``dim``
+        vector-Jacobian products."""
         p = self.params.free()
         (weight, bias), *others = [
             (p[f"weight{i}"] * getattr(self, f"mask{i}"), p[f"bias{i}"]) for i in range(self.depth)
@@ -144,78 +128,9 @@ class MADE(nn.Module):
             if not jacobian:
                 return out
             weights = [first_weight.detach(), *(w.detach() for w, _ in others)]
-
-            def products(
-                rows: Tensor, vector: Tensor, ordered: bool = False
-            ) -> tuple[Tensor, Tensor]:
-                first, last = weights[0], weights[-1].unflatten(0, shape)  # (outputs, dim, units)
-                blocks = self._dense
-                if ordered:
-                    order = self.permutation
-                    first, last, rows = first[:, order], last[:, order], rows[..., order]
-                    work = rows.numel() // self.outputs * last.shape[-1]
-                    if self._blocks and work >= BLOCKED_WORK:
-                        blocks = self._blocks
-                v = vector.flatten(-2) @ weights[-1]
-                for i in reversed(range(len(gates))):
-                    v = (v * gates[i]) @ weights[i]
-                lower = None
-                for start, end, widths in blocks:
-                    r = _combine(rows[..., start:end], last[:, start:end, : widths[-1]])
-                    for i in reversed(range(len(gates))):
-                        weight = first if i == 0 else weights[i]
-                        r = (r * gates[i][..., None, : widths[i + 1]]) @ weight[
-                            : widths[i + 1], : widths[i]
-                        ]
-                    if len(blocks) == 1:  # dense: the whole Jacobian, as computed
-                        return r, v
-                    if lower is None:  # each entry written once, the zeros beyond a block too
-                        lower = r.new_empty((*r.shape[:-2], self.dim, self.dim))
-                    lower[..., start:end, : widths[0]] = r
-                    lower[..., start:end, widths[0] :] = 0
-                return lower, v
-
-            return out, products
+            return out, MADEJacobian(self._structure, weights, gates, self.permutation)
 
         return run
-
-
-def _combine(rows: Tensor, last: Tensor) -> Tensor:
-    """``Σ_k rows[..., k, i] last[k, i, u]``: each coordinate's outputs' coefficients on the
-    last hidden layer's units."""
-    if len(last) > 4:  # a spline's many outputs: one batched product
-        return torch.einsum("...ki,kiu->...iu", rows, last)
-    r = rows[..., 0, :, None] * last[0]  # a few: multiply-adds, where a product over 2
-    for k in range(1, len(last)):  # terms runs slowly
-        r.addcmul_(rows[..., k, :, None], last[k])
-    return r
-
-
-def _jacobian_blocks(
-    first: Tensor, hidden: list[Tensor], last: Tensor, rows_per_block: int = 8
-) -> list[tuple[int, int, tuple[int, ...]]]:
-    """A MADE's Jacobian rows in blocks, with the masks' columns and rows in the
-    autoregressive order: ``(start, end, widths)`` with ``widths`` the leading inputs and
-    units of each hidden layer that rows ``start:end`` can reach (beyond them every
-    product is zero). ``first`` is ``(units, dim)``, ``hidden`` the masks between hidden
-    layers and ``last`` ``(outputs, dim, units)``, all boolean; none for a network too small
-    to split (under ``2 rows_per_block`` inputs): it is taken dense."""
-    dim = first.shape[1]
-    count = min(8, dim // rows_per_block)
-    if count < 2:
-        return []
-    bounds = torch.linspace(0, dim, count + 1).round().long().tolist()
-
-    def width(reached: Tensor) -> int:
-        return int(reached.nonzero().max()) + 1 if bool(reached.any()) else 0
-
-    blocks = []
-    for start, end in itertools.pairwise(bounds):
-        widths = [width(last[:, start:end].any(0).any(0))]
-        for mask in [first, *hidden][::-1]:
-            widths.append(width(mask[: widths[-1]].any(0)))
-        blocks.append((start, end, tuple(widths[::-1])))
-    return blocks
 
 
 def matvec(a: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:

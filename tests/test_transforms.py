@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 import pickle
 
@@ -230,14 +231,20 @@ def test_non_finite_rows_give_nan_for_that_row_alone(case: Case):
     ids=lambda c: c.id,
 )
 @pytest.mark.parametrize("saturated", [False, True], ids=["", "saturated"])
-def test_score_pullback_matches_autograd(case: Case, saturated: bool):
+@pytest.mark.parametrize("sweep", [False, True], ids=["", "sweep"])
+def test_score_pullback_matches_autograd(case: Case, saturated: bool, sweep: bool, monkeypatch):
     """``J⁻ᵀ (score - ∇ log|det J|)`` against the autograd Jacobian and gradient, at points
     near the data and far out; ``saturated`` scales an autoregressive network's last layer
-    so that its clamps (and a spline's bounds) are active at some coordinates."""
+    so that its clamps (and a spline's bounds) are active at some coordinates; ``sweep``
+    solves an autoregressive layer's transposed system by back-substitution over its
+    network's units however few the draws, rather than with its matrix."""
+    from pyroflows import _made_jacobian
+
+    monkeypatch.setattr(_made_jacobian, "SWEEP_WORK", 0 if sweep else math.inf)
     flow = case.build()
+    if (saturated or sweep) and not isinstance(flow, Autoregressive):
+        pytest.skip("not an autoregressive layer")
     if saturated:
-        if not isinstance(flow, Autoregressive):
-            pytest.skip("no clamp to saturate")
         with torch.no_grad():
             flow.net.params.free()[f"weight{flow.net.depth - 1}"].mul_(20)
     torch.manual_seed(5)
@@ -272,36 +279,43 @@ def test_score_pullback_matches_autograd(case: Case, saturated: bool):
     [(5, (7,), 3), (5, (6, 5, 4), 3), (29, (40, 35), 3), (29, (12,), 0)],  # 29: in row blocks
 )
 @pytest.mark.parametrize("outputs", [2, 7])  # a few outputs: multiply-adds; many: einsum
-@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("many_draws", [False, True])
 def test_made_jacobian_products_match_autograd(
-    dim: int, hidden: tuple, context_dim: int, outputs: int, blocked: bool, monkeypatch
+    dim: int, hidden: tuple, context_dim: int, outputs: int, many_draws: bool, monkeypatch
 ):
     """The MADE's graph-free Jacobian products, with or without a context and a random
     order, against autograd's Jacobian; in that order the rows' product is lower triangular
-    (taken dense, or, however few the draws, in blocks of rows for the larger network,
-    some blocks reaching no unit at all)."""
-    from pyroflows import nn
+    (taken dense, or, as for many draws, in blocks of rows for the larger network, some
+    blocks reaching no unit at all); the transposed solve with a diagonal added, by the
+    triangular solve or, as for many draws, by the sweep over the units, on draws with two
+    batch dimensions."""
+    from pyroflows import _made_jacobian, nn
 
-    monkeypatch.setattr(nn, "BLOCKED_WORK", 0 if blocked else math.inf)
-
+    monkeypatch.setattr(_made_jacobian, "BLOCKED_WORK", 0 if many_draws else math.inf)
+    monkeypatch.setattr(_made_jacobian, "SWEEP_WORK", 0 if many_draws else math.inf)
     f64 = torch.float64
     torch.manual_seed(0)
     order = torch.randperm(dim)
     net = nn.MADE(dim, hidden, context_dim=context_dim, permutation=order, outputs=outputs)
     net = net.double()
-    assert (len(net._blocks) > 1) == (dim > 16)
-    x, context = torch.randn(2, dim, dtype=f64), torch.randn(2, context_dim, dtype=f64)
+    assert (len(net._structure.blocks) > 1) == (dim > 16)
+    x, context = torch.randn(2, 3, dim, dtype=f64), torch.randn(3, context_dim, dtype=f64)
     context = context if context_dim else None
-    rows, vector = torch.randn(2, 2, outputs, dim, dtype=f64).unbind(1)
-    _, products = net.bind(context, stacked=True)(x, jacobian=True)
-    (got_rows, got_vector), (ordered, _) = products(rows, vector), products(rows, vector, True)
-    for b in range(2):
+    rows, vector = torch.randn(2, 2, 3, outputs, dim, dtype=f64).unbind(1)
+    diagonal, rhs = torch.rand(2, 3, dim, dtype=f64) + 0.5, torch.randn(2, 3, dim, dtype=f64)
+    _, jacobian = net.bind(context, stacked=True)(x, jacobian=True)
+    got_rows, ordered = jacobian.matrix(rows), jacobian.matrix(rows, ordered=True)
+    got_vector = jacobian.vector_product(vector)
+    solved = jacobian.solve_transposed(rows, diagonal, rhs)
+    for a, b in itertools.product(range(2), range(3)):
         jac = torch.autograd.functional.jacobian(  # (dim, outputs, dim)
             lambda v, b=b: net.bind(None if context is None else context[b], stacked=True)(v),
-            x[b],
+            x[a, b],
         )
-        expected = torch.einsum("ki,ikj->ij", rows[b], jac)
-        torch.testing.assert_close(got_rows[b], expected)
-        torch.testing.assert_close(got_vector[b], torch.einsum("ki,ikj->j", vector[b], jac))
-        torch.testing.assert_close(ordered[b], expected[order][:, order])
-        assert ordered[b].triu(1).abs().max() == 0
+        expected = torch.einsum("ki,ikj->ij", rows[a, b], jac)
+        torch.testing.assert_close(got_rows[a, b], expected)
+        torch.testing.assert_close(got_vector[a, b], torch.einsum("ki,ikj->j", vector[a, b], jac))
+        torch.testing.assert_close(ordered[a, b], expected[order][:, order])
+        assert ordered[a, b].triu(1).abs().max() == 0
+        system = (expected + torch.diag(diagonal[a, b])).mT
+        torch.testing.assert_close(solved[a, b], torch.linalg.solve(system, rhs[a, b]))

@@ -165,9 +165,13 @@ class Autoregressive(Flow):
         sensitivities to its own input and network outputs.
         """
         start = start.detach()
-        params, products = net(start, jacobian=True)
+        params, jacobian = net(start, jacobian=True)
         out, log_derivative = self._transform(start, params, inverse=False)
-        lower, grad_log_derivative = self._jacobian(start, params, products)
+        with torch.no_grad():
+            dy, dy_params, dl, dl_params = self._sensitivities(start, params)
+            lower = jacobian.matrix(dy_params, ordered=True)
+            lower.diagonal(dim1=-2, dim2=-1).add_(dy[..., self._permutation])
+            grad_log_derivative = dl + jacobian.vector_product(dl_params)
         residual = (y - out)[..., self._permutation].unsqueeze(-1)
         step = torch.linalg.solve_triangular(lower, residual, upper=False).squeeze(-1)
         step = step[..., self._unpermutation]
@@ -175,22 +179,14 @@ class Autoregressive(Flow):
         return start + step, -ladj
 
     def _score_pullback(self, x: Tensor, context: Tensor | None, score: Tensor) -> Tensor:
+        """``Jᵀ⁻¹ (score - ∇L)`` with the forward map's Jacobian ``J`` and summed
+        log-derivative ``L`` at ``x``, from the network's Jacobian without a graph
+        (:class:`pyroflows._made_jacobian.MADEJacobian`)."""
         with torch.no_grad():
-            lower, grad_log_derivative = self._jacobian(x, *self._bind(context)(x, jacobian=True))
-            rhs = (score - grad_log_derivative)[..., self._permutation].unsqueeze(-1)
-            out = torch.linalg.solve_triangular(lower.mT, rhs, upper=True).squeeze(-1)
-        return out[..., self._unpermutation]
-
-    @torch.no_grad()
-    def _jacobian(self, x: Tensor, params: Any, products: Callable) -> tuple[Tensor, Tensor]:
-        """The forward map's Jacobian at ``x`` in the autoregressive order (rows and
-        columns permuted: lower triangular), and the gradient in ``x`` of the summed
-        log-derivative, without a graph, from the network's outputs ``params`` and its
-        Jacobian products (:meth:`pyroflows.nn.MADE.bind`)."""
-        dy, dy_params, dl, dl_params = self._sensitivities(x, params)
-        lower, grad_log_derivative = products(dy_params, dl_params, ordered=True)
-        lower.diagonal(dim1=-2, dim2=-1).add_(dy[..., self._permutation])
-        return lower, dl + grad_log_derivative
+            params, jacobian = self._bind(context)(x, jacobian=True)
+            dy, dy_params, dl, dl_params = self._sensitivities(x, params)
+            rhs = score - dl - jacobian.vector_product(dl_params)
+            return jacobian.solve_transposed(dy_params, dy, rhs)
 
     def _sensitivities(self, x: Tensor, params: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Each coordinate's derivatives of its forward output ``y_i`` and log-derivative
