@@ -24,10 +24,12 @@ from torch import Tensor
 # network with 94 units 0.55 ms in blocks against 0.34 dense; 128 draws of 62-62 units 1.3
 # against 3.0 ms)
 BLOCKED_WORK = 150_000
-# draws x hidden units from which the transposed solve sweeps rather than forming the matrix
-# (CPU, one thread: 500 draws, 40 inputs, 300 units 5.4 against 15.1 ms; 100 draws 2.0
-# against 2.0 ms; 256 draws, 20 inputs, 64-64 units 1.5 against 1.2 ms)
-SWEEP_WORK = 40_000
+# draws x inputs² x hidden units (the matrix's products) from which the transposed solve sweeps
+# rather than forming the matrix (CPU, one thread, ms of dense against sweep: 500 draws, 40
+# inputs, 300 units 14.9 against 6.2; 100 draws 3.4 against 1.8; 100 draws of 80-80 units
+# 1.3 against 1.2; 128 draws, 31 inputs, 62-62 units 1.1 against 1.2; 256 draws, 10 inputs,
+# 64-64 units 0.7 against 0.9)
+SWEEP_WORK = 20_000_000
 
 
 class Structure:
@@ -109,7 +111,7 @@ class MADEJacobian:
         triangular solve with the matrix."""
         s, order = self.s, self.order
         out = torch.empty_like(rhs)
-        if not s.sweep_blocks or rhs.numel() // s.dim * s.units < SWEEP_WORK:
+        if not s.sweep_blocks or rhs.numel() * s.dim * s.units < SWEEP_WORK:
             lower = self.matrix(rows, ordered=True)
             lower.diagonal(dim1=-2, dim2=-1).add_(diagonal[..., order])
             ordered = rhs[..., order].unsqueeze(-1)
