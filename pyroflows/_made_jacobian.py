@@ -9,7 +9,8 @@ The transposed solve needs no matrix: in the autoregressive order a hidden unit 
 ``m`` (it sees the first ``m`` inputs) reaches only outputs from position ``m`` on, so
 back-substitution from the last position can finish each unit's backward value once, when
 the solution beyond its degree is known, and add it to the inputs it sees: one pass over the
-units, ``dim`` small steps (the sweep), where the matrix multiplies ``dim`` times as much.
+units, taken in blocks of positions (the sweep), where the matrix multiplies ``dim`` times as
+much.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ class MADEJacobian:
 
     def solve_transposed(self, rows: Tensor, diagonal: Tensor, rhs: Tensor) -> Tensor:
         """``g`` with ``(diag(diagonal) + matrix(rows))ᵀ g = rhs``, all ``(..., dim)`` but
-        ``rows``: by the sweep (module docstring) for many draws (``SWEEP_WORK``), else by a
-        triangular solve with the matrix."""
+        ``rows``: by the sweep (module docstring) where the matrix would take ``SWEEP_WORK``
+        products or more, else by a triangular solve with the matrix."""
         s, order = self.s, self.order
         out = torch.empty_like(rhs)
         if not s.sweep_blocks or rhs.numel() * s.dim * s.units < SWEEP_WORK:
