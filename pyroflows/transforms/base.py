@@ -20,6 +20,7 @@ into ``TransformedDistribution`` and ``ConditionalTransformedDistribution``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from .. import _checks
 Params = dict[str, Tensor]  # what ``_params`` returns in the parameter-valued families
 
 _CACHE: dict[str, object] = {"block": None}
+_ENTRIES = itertools.count()  # tokens of cache entries, for the hooks that drop them
 
 
 @contextmanager
@@ -66,6 +68,7 @@ class _CachedBijection(Transform):
     codomain = constraints.real_vector
     bijective = True
     _last: tuple | None = None
+    _entry = -1  # the token of the cache entry whose results carry hooks (see ``_store``)
 
     @property
     def _flow(self) -> Flow:
@@ -108,11 +111,24 @@ class _CachedBijection(Transform):
             return last[0], last[1], last[2]
         return None
 
-    def _store(self, x: Tensor, y: Tensor, ladj: Tensor) -> None:
+    def _store(self, x: Tensor, y: Tensor, ladj: Tensor, computed: Tensor) -> None:
+        """Cache ``(x, y, ladj)``; ``computed`` is whichever of ``x`` and ``y`` was computed.
+
+        A backward pass through a result frees the graph it carries (unless retained), and a
+        result returned from the cache after that could not be differentiated again (a loss
+        computed twice on the same tensor with unchanged parameters would fail): the entry
+        is dropped when a gradient first reaches ``computed`` or ``ladj``.
+        """
         # the state holds ids: keep its tensors alive with the entry so no id is reused
         tensors = self._tensors()
         versions = [t._version for t in tensors]
         self._last = (x, y, ladj, self._state(tensors), tensors, versions)
+        if torch.is_grad_enabled() and (computed.requires_grad or ladj.requires_grad):
+            self._entry = entry = next(_ENTRIES)
+            forget = partial(_forget_entry, weakref.ref(self), entry)  # no cycle through self
+            for t in (computed, ladj):
+                if t.requires_grad:
+                    t.register_hook(forget)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(y, log|det dy/dx|)`` for ``x`` of shape ``(..., dim)``."""
@@ -124,7 +140,7 @@ class _CachedBijection(Transform):
         params = flow._resolve_params(self._context)
         solve = flow._forward
         y, ladj = _finite_rows(solve, x, params) if flow._solves_forward else solve(x, params)
-        self._store(x, y, ladj)
+        self._store(x, y, ladj, y)
         return y, ladj
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,10 +154,10 @@ class _CachedBijection(Transform):
         start = self._warm_start(y) if flow._warm_starts else None
         if start is not None and not torch.is_grad_enabled():  # no gradients to attach
             x, ladj = start, -self._last[2]
-            self._store(x, y, -ladj)
+            self._store(x, y, -ladj, x)
             return x, ladj
         x, ladj = flow._solve_backward(y, params, start)
-        self._store(x, y, -ladj)
+        self._store(x, y, -ladj, x)
         return x, ladj
 
     def _warm_start(self, y: Tensor) -> Tensor | None:
@@ -206,6 +222,14 @@ class _CachedBijection(Transform):
         state.pop("_last", None)
         state.pop("_parameter_slots", None)
         return state
+
+
+def _forget_entry(owner: weakref.ref, entry: int, grad: Tensor) -> None:
+    """Drop ``owner``'s cache entry ``entry`` (if it is still the one cached): a gradient has
+    reached its result, whose graph the backward pass frees."""
+    transform = owner()
+    if transform is not None and transform._entry == entry:
+        transform._last = None
 
 
 def _same_values(
