@@ -74,6 +74,7 @@ def from_environment(device: torch.device) -> Iterator[torch.device]:
     dist.init_process_group(BACKENDS[device.type])
     try:
         yield device
+        dist.barrier()  # no rank tears its connections down while another still works
     finally:
         dist.destroy_process_group()
 
