@@ -111,15 +111,15 @@ class MADEJacobian:
         ``rows``: by the sweep (module docstring) where the matrix would take ``SWEEP_WORK``
         products or more, else by a triangular solve with the matrix."""
         s, order = self.s, self.order
-        out = torch.empty_like(rhs)
-        if not s.sweep_blocks or rhs.numel() * s.dim * s.units < SWEEP_WORK:
+        if s.sweep_blocks and rhs.numel() * s.dim * s.units >= SWEEP_WORK:
+            g = self._sweep(rows[..., order], diagonal[..., order], rhs[..., order])
+        else:
             lower = self.matrix(rows, ordered=True)
             lower.diagonal(dim1=-2, dim2=-1).add_(diagonal[..., order])
             ordered = rhs[..., order].unsqueeze(-1)
             g = torch.linalg.solve_triangular(lower.mT, ordered, upper=True).squeeze(-1)
-            out[..., order] = g
-            return out
-        out[..., order] = self._sweep(rows[..., order], diagonal[..., order], rhs[..., order])
+        out = torch.empty_like(rhs)
+        out[..., order] = g  # back to the network's own order
         return out
 
     def _sweep(self, rows: Tensor, diagonal: Tensor, rhs: Tensor) -> Tensor:
@@ -185,8 +185,8 @@ def _sweep_blocks(
     ``(start, end, units)`` with ``units`` the range of each hidden layer's units whose
     degree is in ``(start, end]`` (a unit of degree ``m`` sees the inputs before position
     ``m``). ``first`` is ``(units, dim)`` with its columns in that order, ``hidden`` the
-    masks between hidden layers. None where a layer's degrees are not sorted (Pyro's masks
-    sort them) or there is no hidden layer: the matrix is formed then."""
+    masks between hidden layers. Empty where a layer's degrees are not sorted (Pyro's masks
+    sort them): the matrix is formed then."""
     dim = first.shape[1]
     positions = torch.arange(1, dim + 1)
     degree = (first * positions).amax(1)
@@ -194,12 +194,10 @@ def _sweep_blocks(
     for mask in [None, *hidden]:
         if mask is not None:
             degree = (mask * degree).amax(1)
-        if len(degree) == 0 or bool((degree[1:] < degree[:-1]).any()):
+        if bool((degree[1:] < degree[:-1]).any()):
             return []
         starts.append(torch.searchsorted(degree, positions, right=False).tolist())
         ends.append(torch.searchsorted(degree, positions, right=True).tolist())
-    if not starts:
-        return []
     bounds = torch.linspace(0, dim, -(-dim // size) + 1).round().long().tolist()
     blocks = []
     for start, end in itertools.pairwise(bounds):
