@@ -91,20 +91,23 @@ def ratio_text(r: dict[str, Any] | None) -> str:
 def cpu_peak_mib(call: Callable[[], Any]) -> float:
     """Peak of torch's CPU memory during ``call()`` above what was allocated before, in MiB.
 
-    Read from the profiler's record of every allocation and free (exact and repeatable,
-    unlike a process's RSS, which the C allocator's caching blurs); Python objects other than
-    tensors are not counted.
+    Replays the profiler's record of every allocation and free in the order they happened
+    (exact and repeatable, unlike a process's RSS, which the C allocator's caching blurs).
+    Summing each operator's own memory at its start instead would book the frees inside a
+    long operator (an autograd function's backward pass, say) before the allocations of the
+    operators it calls, and understate the peak. Python objects other than tensors are not
+    counted.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         call()
-    events = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
+    changes = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
     )
     current = peak = 0
-    for _, change in events:
+    for _, change in changes:
         current += change
         peak = max(peak, current)
     return peak / 2**20
