@@ -132,6 +132,9 @@ def copy_function(flow: Continuous, cnf: zuko.flows.CNF) -> None:
         mine[0].weight[:, dim + freqs :] = -sign * first[:, freqs : 2 * freqs]
         mine[-1].weight.neg_()
         mine[-1].bias.neg_()
+        points = torch.rand(8, dim + 1, generator=torch.Generator().manual_seed(0))
+        s, z = points[0, 0].to(first.device), points[:, 1:].to(first.device)  # global RNG kept
+        torch.testing.assert_close(flow.dynamics.velocity(s, z, None), -cnf.transform.f(1 - s, z))
 
 
 def theirs(dim: int, exact: bool, device: torch.device) -> Contender:
