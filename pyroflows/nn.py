@@ -193,7 +193,7 @@ class ParameterMap(nn.Module):
     def _unpack(self, flat: Tensor) -> dict[str, Tensor]:
         batch = flat.shape[:-1]
         parts = flat.split(self.sizes, dim=-1)
-        return {
-            name: part.reshape(batch + shape)
+        return {  # a vector's slice has its shape already: no reshape (this runs per call)
+            name: part if len(shape) == 1 else part.reshape(batch + shape)
             for (name, shape), part in zip(self.shapes.items(), parts, strict=True)
         }

@@ -122,12 +122,19 @@ class _CachedBijection(Transform):
         # the state holds ids: keep its tensors alive with the entry so no id is reused
         tensors = self._tensors()
         versions = [t._version for t in tensors]
-        self._last = (x, y, ladj, self._state(tensors), tensors, versions)
+        # plain attributes, written past ``nn.Module.__setattr__`` (this runs on every call)
+        attributes = self.__dict__
+        attributes["_last"] = (x, y, ladj, self._state(tensors), tensors, versions)
         if torch.is_grad_enabled() and (computed.requires_grad or ladj.requires_grad):
-            self._entry = entry = next(_ENTRIES)
+            attributes["_entry"] = entry = next(_ENTRIES)
             forget = partial(_forget_entry, weakref.ref(self), entry)  # no cycle through self
             for t in (computed, ladj):
-                if t.requires_grad:
+                # a hook on the node that made ``t`` runs when a gradient reaches ``t`` and
+                # costs less to register than a tensor hook; a leaf has no such node
+                node = t.grad_fn
+                if node is not None:
+                    node.register_prehook(forget)
+                elif t.requires_grad:
                     t.register_hook(forget)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,7 +231,7 @@ class _CachedBijection(Transform):
         return state
 
 
-def _forget_entry(owner: weakref.ref, entry: int, grad: Tensor) -> None:
+def _forget_entry(owner: weakref.ref, entry: int, grad: object) -> None:
     """Drop ``owner``'s cache entry ``entry`` (if it is still the one cached): a gradient has
     reached its result, whose graph the backward pass frees."""
     transform = owner()
