@@ -129,8 +129,9 @@ class _CachedBijection(Transform):
             attributes["_entry"] = entry = next(_ENTRIES)
             forget = partial(_forget_entry, weakref.ref(self), entry)  # no cycle through self
             for t in (computed, ladj):
-                # a hook on the node that made ``t`` runs when a gradient reaches ``t`` and
-                # costs less to register than a tensor hook; a leaf has no such node
+                # a hook on the node that made ``t`` runs when a gradient reaches ``t`` (or
+                # a sibling output: an early drop costs only a recompute) and costs less to
+                # register than a tensor hook; a leaf has no such node
                 node = t.grad_fn
                 if node is not None:
                     node.register_prehook(forget)
