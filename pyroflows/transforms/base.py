@@ -121,10 +121,9 @@ class _CachedBijection(Transform):
         """
         # the state holds ids: keep its tensors alive with the entry so no id is reused
         tensors = self._tensors()
-        versions = [t._version for t in tensors]
         # plain attributes, written past ``nn.Module.__setattr__`` (this runs on every call)
         attributes = self.__dict__
-        attributes["_last"] = (x, y, ladj, self._state(tensors), tensors, versions)
+        attributes["_last"] = (x, y, ladj, self._state(tensors), tensors)
         if torch.is_grad_enabled() and (computed.requires_grad or ladj.requires_grad):
             attributes["_entry"] = entry = next(_ENTRIES)
             forget = partial(_forget_entry, weakref.ref(self), entry)  # no cycle through self
@@ -181,7 +180,8 @@ class _CachedBijection(Transform):
         last = self._last
         if last is None or last[3][1] != self._flow._revision:
             return None
-        x0, y0, _, _, tensors, versions = last
+        x0, y0, _, state, tensors = last
+        versions = state[len(state) - len(tensors) :]  # the state ends with the versions
         if x0.shape != y.shape or y0.shape != y.shape or y0.dtype != y.dtype:
             return None  # (a broadcast context can make x0 smaller than y: no warm start)
         if y0.device != y.device:
@@ -241,7 +241,7 @@ def _forget_entry(owner: weakref.ref, entry: int, grad: object) -> None:
 
 
 def _same_values(
-    now: list[Tensor], then: list[Tensor], versions: list[int], exact_last: bool
+    now: list[Tensor], then: list[Tensor], versions: tuple[int, ...], exact_last: bool
 ) -> bool:
     """Whether the tensors ``now`` hold the values that ``then`` held at ``versions``: the
     same storage at the same in-place version (a detached view counts), or, for the last one
