@@ -73,7 +73,7 @@ def test_spline_recipes_fit_the_funnel_better_than_its_base():
         untrained = pf.fit(target, recipe, steps=1, num_eval=2000, progress=False, seed=0)
         r = pf.fit(target, recipe, num_layers=4, steps=300, particles=64, lr=1e-2,
                    num_eval=2000, progress=False, seed=0, hidden_dims=(32,))  # fmt: skip
-        assert untrained.diagnostics.ess < 0.35 * 2000
-        # measured 1753 and 1714 on one CPU, 1391 for nsf-ar on another (rounding steers
-        # 300 steps of Adam apart)
-        assert r.diagnostics.ess > 0.6 * 2000, recipe
+        assert untrained.diagnostics.ess < 0.05 * 2000  # measured 30 and 38
+        # rounding steers 300 steps of Adam apart from one CPU to another: over seeds 0-5 on
+        # one machine 921-1751 (nsf-ar) and 810-1625 (nsf-coupling), seed 0 1121-1753
+        assert r.diagnostics.ess > 0.3 * 2000, recipe
