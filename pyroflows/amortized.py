@@ -13,6 +13,7 @@ from pyro.distributions.util import scale_and_mask
 from torch import Tensor, nn
 
 from . import _checks
+from ._repeated import memo
 from ._scores import stopped_log_prob
 from .autoguide import HALF_LOG_2PI, _recipe
 from .flows import build
@@ -66,7 +67,11 @@ class AmortizedFlowGuide(nn.Module):
         self.site, self.plate, self.create_plates = site, plate, create_plates
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The context ``h`` and the base's ``(μ(h), σ(h))``."""
+        """The context ``h`` and the base's ``(μ(h), σ(h))``, once per ``x`` inside
+        :func:`pyroflows._repeated.repeated_draws`."""
+        return memo((self, x), lambda: self._run_encoder(x))
+
+    def _run_encoder(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.encoder(x)
         if h.shape[-1] != self.context_dim:
             raise ValueError(
@@ -117,7 +122,8 @@ class AmortizedFlowGuide(nn.Module):
                 f"x must be a batch of shape (batch, *features), got {shape}; "
                 "for one data point use x.unsqueeze(0)"
             )
-        pyro.module("amortized_flow_guide", self)
+        # registered once per scope of repeated draws: the parameters cannot change there
+        memo((self, pyro.module), lambda: pyro.module("amortized_flow_guide", self))
         if self.create_plates is None:
             plate = pyro.plate(self.plate, x.shape[0])
         else:

@@ -16,6 +16,7 @@ from torch import nn
 
 import pyroflows as pf
 from pyroflows import AmortizedFlowGuide, AutoFlow
+from pyroflows._repeated import memo, repeated_draws
 from pyroflows.infer import ELBO, IWAE, log_marginal_likelihood
 
 NOISE = 0.8
@@ -187,6 +188,25 @@ def test_a_conditioned_posterior_is_freed_without_the_garbage_collector(data):
         assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_repeated_draws_reuse_a_result_only_for_unchanged_inputs_without_gradients():
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    x = torch.zeros(2)
+    with repeated_draws():
+        with torch.no_grad():
+            assert memo((compute, x), compute) == memo((compute, x), compute) == 1
+            assert memo((compute, x.clone()), compute) == 2  # another tensor
+            x.add_(1.0)  # modified in place: a new version
+            assert memo((compute, x), compute) == 3
+        assert memo((compute, x), compute) == 4  # gradients on: never reused
+    with torch.no_grad():
+        assert memo((compute, x), compute) == 5  # outside the scope
 
 
 @pytest.mark.parametrize("nesting", [None, 1])

@@ -77,6 +77,35 @@ def test_log_p_x_through_the_vae_own_weights_equals_the_traced_path(flow, monkey
     assert direct.log_px.shape == (5,) and (direct.log_px > direct.elbo).all()
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_log_p_x_encodes_each_batch_once_and_changes_no_estimate(traced, monkeypatch):
+    """Across the chunks of one estimate the encoder runs once and each IAF layer binds its
+    network once per context; the estimates are those of a run that repeats both per chunk."""
+    torch.manual_seed(0)
+    vae = VAE((4, 4), flow="iaf", num_layers=2, **SMALL).double()
+    x = torch.bernoulli(torch.full((5, 16), 0.4, dtype=torch.float64))
+    model = (lambda x: vae.model(x)) if traced else vae.model
+    encodings, binds = [], []
+    vae.guide.encoder.register_forward_hook(lambda *_: encodings.append(1))
+    bind = pf.nn.MADE._bind
+    monkeypatch.setattr(pf.nn.MADE, "_bind", lambda *a: binds.append(1) or bind(*a))
+    settings = {"num_samples": 50, "chunk_size": 10, "max_plate_nesting": 1}
+    estimates = []
+    for reuse in (True, False):
+        if not reuse:  # every chunk encodes and binds afresh
+            for module in (pf.nn, pf.amortized):
+                monkeypatch.setattr(module, "memo", lambda key, compute: compute())
+        encodings.clear(), binds.clear()
+        pyro.set_rng_seed(1)
+        estimates.append(pf.infer.log_marginal_likelihood(model, vae.guide, x, **settings))
+        assert (len(encodings), len(binds)) == ((1, 2) if reuse else (5, 10))
+    for a, b in zip(*estimates, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():  # outside an estimate nothing is reused
+        vae.guide.posterior(x), vae.guide.posterior(x)
+    assert len(encodings) == 7
+
+
 @pytest.mark.parametrize("flow", POSTERIORS)
 def test_every_posterior_trains_a_step_and_evaluates(flow, digits, tmp_path):
     options = {"num_layers": 1, "hidden_dims": (8,)} if flow == "cnf" else {"num_layers": 2}

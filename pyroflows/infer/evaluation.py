@@ -15,6 +15,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from .. import _checks
+from .._repeated import repeated_draws
 from . import weights as w
 
 MIN_ESS = 10  # below this many effective samples an estimate gets a warning
@@ -30,6 +31,7 @@ class LogMarginal(NamedTuple):
 
 
 @torch.no_grad()
+@repeated_draws()
 def log_marginal_likelihood(
     model,
     guide,

@@ -23,6 +23,8 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
 
+from .._repeated import repeated_draws
+
 if TYPE_CHECKING:
     from .stopped import ModelGradientScale
 
@@ -277,6 +279,7 @@ def kl_terms(lw: LogWeights) -> tuple[Tensor, dict[str, Tensor]]:
     return likelihood, kls
 
 
+@repeated_draws()
 def weighted_draws(
     model, guide, args, kwargs, num: int, chunk: int = 500
 ) -> tuple[dict[str, Tensor], Tensor, list[dict]]:

@@ -36,6 +36,7 @@ from torch.distributions import Transform, constraints
 from torch.distributions.transforms import _InverseTransform
 
 from .. import _checks
+from .._repeated import memo
 
 Params = dict[str, Tensor]  # what ``_params`` returns in the parameter-valued families
 
@@ -352,7 +353,8 @@ class Flow(_CachedBijection, TransformModule):
                 f"context: {type(self).__name__} is amortized (context_dim={self.context_dim});"
                 " call .condition(context) first"
             )
-        return self._params(context)
+        # once per context within repeated draws (pyroflows._repeated): fixed parameters
+        return memo((self, context), lambda: self._params(context))
 
     def condition(self, context: Tensor) -> ConditionedFlow:
         raise ValueError(
