@@ -29,7 +29,7 @@ def repeated_draws() -> Iterator[None]:
     >>> calls = []
     >>> with repeated_draws(), torch.no_grad():
     ...     x = torch.ones(2)
-    ...     _ = [memo((calls, x), lambda: calls.append(1)) for _ in range(3)]
+    ...     _ = [memo("calls", (calls, x), lambda: calls.append(1)) for _ in range(3)]
     >>> len(calls)
     1
     """
@@ -40,15 +40,17 @@ def repeated_draws() -> Iterator[None]:
         _MEMO.reset(token)
 
 
-def memo(key: tuple, compute: Callable[[], T]) -> T:
-    """``compute()``, reused inside :func:`repeated_draws` for the same ``key``: objects
-    compared by identity, tensors also by version (unmodified since); computed afresh outside
-    the scope or with gradients on."""
+def memo(kind: str, key: tuple, compute: Callable[[], T]) -> T:
+    """``compute()``, reused inside :func:`repeated_draws` for the same ``kind`` and ``key``:
+    objects compared by identity, tensors also by version (unmodified since); computed afresh
+    outside the scope or with gradients on. One entry per ``kind`` and owner ``key[0]``: a
+    key that changes from chunk to chunk replaces its entry rather than piling up results."""
     cache = _MEMO.get()
     if cache is None or torch.is_grad_enabled():
         return compute()
     ids = tuple((id(k), k._version) if isinstance(k, Tensor) else id(k) for k in key)
-    hit = cache.get(ids)
-    if hit is None:  # the entry holds the key's objects, so that no id is reused while it lives
-        hit = cache[ids] = (key, compute())
-    return hit[1]
+    entry = cache.get((kind, ids[0]))
+    if entry is None or entry[0] != ids:
+        # the entry holds the key's objects, so that no id is reused while it lives
+        entry = cache[kind, ids[0]] = (ids, key, compute())
+    return entry[2]

@@ -69,7 +69,7 @@ class AmortizedFlowGuide(nn.Module):
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The context ``h`` and the base's ``(μ(h), σ(h))``, once per ``x`` inside
         :func:`pyroflows._repeated.repeated_draws`."""
-        return memo((self, x), lambda: self._run_encoder(x))
+        return memo("encoding", (self, x), lambda: self._run_encoder(x))
 
     def _run_encoder(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.encoder(x)
@@ -123,7 +123,7 @@ class AmortizedFlowGuide(nn.Module):
                 "for one data point use x.unsqueeze(0)"
             )
         # registered once per scope of repeated draws: the parameters cannot change there
-        memo((self, pyro.module), lambda: pyro.module("amortized_flow_guide", self))
+        memo("registration", (self,), lambda: pyro.module("amortized_flow_guide", self))
         if self.create_plates is None:
             plate = pyro.plate(self.plate, x.shape[0])
         else:

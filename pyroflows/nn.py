@@ -104,7 +104,7 @@ class MADE(nn.Module):
         from the masked weights and the ReLUs' gates, where autograd would take ``dim``
         vector-Jacobian products. Inside :func:`pyroflows._repeated.repeated_draws` the
         network is bound once per context."""
-        return memo((self, context, stacked), lambda: self._bind(context, stacked))
+        return memo("bound network", (self, context, stacked), lambda: self._bind(context, stacked))
 
     def _bind(self, context: Tensor | None, stacked: bool) -> Callable[[Tensor], Any]:
         p = self.params.free()

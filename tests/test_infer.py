@@ -194,19 +194,28 @@ def test_repeated_draws_reuse_a_result_only_for_unchanged_inputs_without_gradien
     calls = []
 
     def compute():
-        calls.append(1)
-        return len(calls)
+        calls.append(torch.zeros(1))
+        return calls[-1]
 
     x = torch.zeros(2)
     with repeated_draws():
         with torch.no_grad():
-            assert memo((compute, x), compute) == memo((compute, x), compute) == 1
-            assert memo((compute, x.clone()), compute) == 2  # another tensor
+            first = memo("f", (compute, x), compute)
+            assert memo("f", (compute, x), compute) is first and len(calls) == 1
+            assert memo("g", (compute, x), compute) is not first  # another kind
+            memo("f", (compute, x.clone()), compute)  # another tensor replaces the entry
+            assert len(calls) == 3
+            first_ref = weakref.ref(first)
+            del first, calls[0]
+            assert first_ref() is None  # the replaced result is not kept
             x.add_(1.0)  # modified in place: a new version
-            assert memo((compute, x), compute) == 3
-        assert memo((compute, x), compute) == 4  # gradients on: never reused
+            memo("f", (compute, x), compute)
+            assert len(calls) == 3
+        memo("f", (compute, x), compute)  # gradients on: never reused
+        assert len(calls) == 4
     with torch.no_grad():
-        assert memo((compute, x), compute) == 5  # outside the scope
+        memo("f", (compute, x), compute)  # outside the scope
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("nesting", [None, 1])

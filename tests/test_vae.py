@@ -94,7 +94,7 @@ def test_log_p_x_encodes_each_batch_once_and_changes_no_estimate(traced, monkeyp
     for reuse in (True, False):
         if not reuse:  # every chunk encodes and binds afresh
             for module in (pf.nn, pf.amortized):
-                monkeypatch.setattr(module, "memo", lambda key, compute: compute())
+                monkeypatch.setattr(module, "memo", lambda kind, key, compute: compute())
         encodings.clear(), binds.clear()
         pyro.set_rng_seed(1)
         estimates.append(pf.infer.log_marginal_likelihood(model, vae.guide, x, **settings))

@@ -354,7 +354,7 @@ class Flow(_CachedBijection, TransformModule):
                 " call .condition(context) first"
             )
         # once per context within repeated draws (pyroflows._repeated): fixed parameters
-        return memo((self, context), lambda: self._params(context))
+        return memo("parameters", (self, context), lambda: self._params(context))
 
     def condition(self, context: Tensor) -> ConditionedFlow:
         raise ValueError(
