@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from . import _checks
 from .flows import RECIPES
 
 # the recipes whose layers have a network of their own (other layers have one only when amortized)
@@ -31,17 +32,18 @@ def _positive_int(text: str) -> int:
 
 
 def _out_folder(text: str) -> Path:
-    """The folder results go to, created now (its parent must exist) and checked writable
-    before any training."""
+    """The folder results go to, checked before any training: an existing writable folder,
+    or a new one in an existing writable parent (created once every argument is checked, so
+    that a refused command leaves nothing behind)."""
     path = Path(text)
+    if path.exists():
+        if not path.is_dir() or not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write to {str(path)!r}")
+        return path
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"folder {str(path.parent)!r} does not exist")
-    try:
-        path.mkdir(exist_ok=True)
-    except OSError as error:
-        raise argparse.ArgumentTypeError(f"cannot create {str(path)!r}: {error}") from None
-    if not path.is_dir() or not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot write to {str(path)!r}")
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {str(path)!r} in {str(path.parent)!r}")
     return path
 
 
@@ -261,6 +263,11 @@ def _run_demo(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.vae_epochs < 0:
             raise ValueError(f"--vae-epochs: expected 0 or more, got {args.vae_epochs}")
+        _checks.device("--device", args.device)
+        try:
+            args.out.mkdir(exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--out: cannot create {str(args.out)!r}: {error}") from None
         r = run_demo(args.flow, layers, steps, seed=args.seed, plot=plot, device=args.device)
         vae = None
         if args.vae_epochs:

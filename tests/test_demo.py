@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,12 +45,14 @@ def test_cli_demo_prints_plots_and_writes_its_table(tmp_path, capsys):
     assert "| PSIS k-hat |" in table and "| test -ELBO |" in table
 
 
-def test_cli_refuses_bad_values_before_training(tmp_path, capsys):
+def test_cli_refuses_bad_values_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --out folder would go
     for argv, message in [
         (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["--steps", "-5"], "argument --steps: expected a positive integer, got -5"),
         (["--layers", "0"], "argument --layers: expected a positive integer, got 0"),
         (["--out", str(tmp_path / "missing" / "out")], "argument --out: folder"),
+        (["--out", str(Path(__file__))], "argument --out: cannot write to"),  # a file
         (["--vae-epochs", "-1", "--steps", "1", "--out", str(tmp_path)], "--vae-epochs: expected"),
         (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "device"),
     ]:
@@ -58,6 +61,7 @@ def test_cli_refuses_bad_values_before_training(tmp_path, capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+    assert not (tmp_path / "pyroflows-demo").exists()  # a refused command writes nothing
 
 
 def test_cli_names_the_folder_it_writes_and_has_a_version(tmp_path, capsys, monkeypatch):
