@@ -19,7 +19,7 @@ from torch.distributions import AffineTransform, Distribution, Independent, Norm
 from torch.distributions import TransformedDistribution as TorchTransformed
 from torch.distributions.transforms import ComposeTransform
 
-from .transforms.base import _CachedBijection
+from .transforms._bijection import _CachedBijection
 
 
 def stopped_log_prob(

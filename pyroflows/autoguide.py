@@ -22,7 +22,7 @@ from torch.distributions import biject_to
 from . import _checks
 from ._scores import stopped_log_prob
 from .flows import RECIPES, build
-from .transforms.base import cache_disabled
+from .transforms._bijection import cache_disabled
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -25,7 +25,7 @@ from pyroflows.transforms import (
     Radial,
     Sylvester,
 )
-from pyroflows.transforms.base import _CachedBijection
+from pyroflows.transforms._bijection import _CachedBijection
 
 DIM = 3
 CONTEXT_DIM = 2

@@ -15,7 +15,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
 
-from ..transforms.base import cache_disabled
+from ..transforms._bijection import cache_disabled
 from .weights import _latent_sites, _particles
 
 
