@@ -58,8 +58,8 @@ class Planar(Flow):
         wu = (w * u).sum(-1, keepdim=True)
         w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         gap = F.softplus(wu)  # wᵀû + 1 = softplus(wᵀu) > 0, in closed form
-        u_hat = u + (gap - 1 - wu) * w / w_sq
-        return {"u": u_hat, "w": w, "b": p["b"], "wu": gap.squeeze(-1) - 1, "gap": gap.squeeze(-1)}
+        u_hat = torch.addcmul(u, (gap - 1 - wu) / w_sq, w)
+        return {"u": u_hat, "w": w, "b": p["b"], "gap": gap.squeeze(-1)}
 
     @staticmethod
     def _slope(a: Tensor, p: Params) -> Tensor:
@@ -73,7 +73,7 @@ class Planar(Flow):
         return y, self._slope(a, p).log()
 
     def _backward(self, y: Tensor, p: Params, start: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        wu, b = p["wu"], p["b"]
+        wu, b = p["gap"] - 1, p["b"]  # wᵀû
         target = (y * p["w"]).sum(-1)
 
         def g(alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,7 +99,7 @@ class Planar(Flow):
         with torch.no_grad():
             a = torch.tanh((x * p["w"]).sum(-1) + p["b"])
             slope, tangent = self._slope(a, p), 1 - a * a
-            grad = (-2 * a * tangent * p["wu"] / slope).unsqueeze(-1) * p["w"]
+            grad = (-2 * a * tangent * (p["gap"] - 1) / slope).unsqueeze(-1) * p["w"]
             v = score - grad
             coef = tangent * (p["u"] * v).sum(-1) / slope
             return v - coef.unsqueeze(-1) * p["w"]
