@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from . import _checks
 from ._made_jacobian import MADEJacobian, Structure
-from ._repeated import memo
 
 
 def mlp(
@@ -102,11 +101,7 @@ class MADE(nn.Module):
         ``run(x, jacobian=True)`` also returns the network's Jacobian in ``x`` at these inputs
         (:class:`pyroflows._made_jacobian.MADEJacobian`): products with it without a graph,
         from the masked weights and the ReLUs' gates, where autograd would take ``dim``
-        vector-Jacobian products. Inside :func:`pyroflows._repeated.repeated_draws` the
-        network is bound once per context."""
-        return memo("bound network", (self, context, stacked), lambda: self._bind(context, stacked))
-
-    def _bind(self, context: Tensor | None, stacked: bool) -> Callable[[Tensor], Any]:
+        vector-Jacobian products."""
         p = self.params.free()
         (weight, bias), *others = [
             (p[f"weight{i}"] * getattr(self, f"mask{i}"), p[f"bias{i}"]) for i in range(self.depth)

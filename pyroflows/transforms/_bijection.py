@@ -140,12 +140,12 @@ class _CachedBijection(Transform):
             return hit[0], -hit[2]
         flow = self._flow
         _checks.event("y", y, flow.dim)
-        params = flow._resolve_params(self._context)
         start = self._warm_start(y) if flow._warm_starts else None
         if start is not None and not torch.is_grad_enabled():  # no gradients to attach
             x, ladj = start, -self._last[2]
             self._store(x, y, -ladj, x)
             return x, ladj
+        params = flow._resolve_params(self._context)
         x, ladj = flow._solve_backward(y, params, start)
         self._store(x, y, -ladj, x)
         return x, ladj

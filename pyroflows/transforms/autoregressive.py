@@ -129,21 +129,20 @@ class Autoregressive(Flow):
             return (value - shift) / scale, -log_scale
         return torch.addcmul(shift, value, scale), log_scale
 
-    def _bind(self, context: Tensor | None) -> Callable:
-        """The network for this context; a spline takes its free values as one view."""
+    def _params(self, context: Tensor | None) -> Callable:
+        """The network bound to this context (masked weights, the context's term); a spline
+        takes its free values as one view."""
         return self.net.bind(context, stacked=self.transformer == "spline")
 
-    def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        net = self._bind(context)
+    def _forward(self, x: Tensor, net: Callable) -> tuple[Tensor, Tensor]:
         if self.direction == "iaf":
             y, log_derivative = self._elementwise(x, x, net, inverse=False)
             return y, log_derivative.sum(-1)
         return self._solve(x, net, inverse=False)
 
     def _backward(
-        self, y: Tensor, context: Tensor | None, start: Tensor | None = None
+        self, y: Tensor, net: Callable, start: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        net = self._bind(context)
         if self.direction == "maf":
             x, log_derivative = self._elementwise(y, y, net, inverse=True)
             return x, log_derivative.sum(-1)
@@ -178,12 +177,12 @@ class Autoregressive(Flow):
         ladj = log_derivative.sum(-1) + (grad_log_derivative * step).sum(-1)
         return start + step, -ladj
 
-    def _score_pullback(self, x: Tensor, context: Tensor | None, score: Tensor) -> Tensor:
+    def _score_pullback(self, x: Tensor, net: Callable, score: Tensor) -> Tensor:
         """``Jᵀ⁻¹ (score - ∇L)`` with the forward map's Jacobian ``J`` and summed
         log-derivative ``L`` at ``x``, from the network's Jacobian without a graph
         (:class:`pyroflows._made_jacobian.MADEJacobian`)."""
         with torch.no_grad():
-            params, jacobian = self._bind(context)(x, jacobian=True)
+            params, jacobian = net(x, jacobian=True)
             dy, dy_params, dl, dl_params = self._sensitivities(x, params)
             rhs = score - dl - jacobian.vector_product(dl_params)
             return jacobian.solve_transposed(dy_params, dy, rhs)
