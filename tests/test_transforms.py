@@ -17,15 +17,18 @@ from registry import CASES, DIM, Case, clear, transform_for
 from pyroflows.transforms import Autoregressive
 
 over_cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# points where the data lives, and points far out (where a network's output saturates)
+over_spreads = pytest.mark.parametrize("spread", [1.5, 30.0], ids=["near", "far-out"])
 f64 = torch.float64
 
 
 @over_cases
-def test_log_det_matches_autograd_jacobian(case: Case):
+@over_spreads
+def test_log_det_matches_autograd_jacobian(case: Case, spread: float):
     flow = case.build()
     for seed in range(3):
         torch.manual_seed(100 + seed)
-        x = torch.randn(DIM, dtype=f64) * 1.5
+        x = torch.randn(DIM, dtype=f64) * spread
         context = case.context()
 
         def f(v, context=context):
@@ -41,9 +44,10 @@ def test_log_det_matches_autograd_jacobian(case: Case):
 
 
 @over_cases
-def test_inverse_round_trip_and_log_det(case: Case):
+@over_spreads
+def test_inverse_round_trip_and_log_det(case: Case, spread: float):
     flow = case.build()
-    x = torch.randn(7, DIM, dtype=f64) * 1.5
+    x = torch.randn(7, DIM, dtype=f64) * spread
     t = transform_for(flow, case.context(7))
     y = t(x)
     ladj = t.log_abs_det_jacobian(x, y)
