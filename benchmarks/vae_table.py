@@ -61,12 +61,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--merge", action="store_true", help="keep the other posteriors' rows")
     parser.add_argument("--out", type=Path, default=None, help="checkpoints, to resume")
+    parser.add_argument("--name", default="vae_table", help="results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = common.cuda_device(args.device)
     if not Path(args.data).exists():
         raise SystemExit(f"needs statically binarized MNIST: {args.data} is absent (--data)")
     data = pf.vae.load(args.data).to(device)
+    settings = {k: getattr(args, k) for k in ("epochs", "layers", "latent_dim", "lr",
+                "warmup_epochs", "eval_samples", "eval_images")}  # fmt: skip
+    settings |= {"batch_size": 100, "optimizer": "adamax", "architecture": "mlp 300-300"}
     rows = []
     header = f"{'posterior':14}{'epochs':>7}{'train s':>9}{'-ELBO':>9}{'NLL':>9}{'published':>11}"
     print(header)
@@ -89,60 +93,75 @@ def main() -> None:
                      "epochs": len(run.history),
                      "best_epoch": run.best_epoch, "train_seconds": seconds, **test,
                      "published_neg_elbo": published, "stopped": run.stopped,
-                     "resumed": resumed})  # fmt: skip
+                     "resumed": resumed, "settings": settings})  # fmt: skip
         shown = "-" if published is None else f"{published:.2f}"
         print(f"{flow:14}{len(run.history):7d}{seconds:9.0f}{test['neg_elbo']:9.2f}"
               f"{test['nll']:9.2f}{shown:>11}")  # fmt: skip
-    settings = {k: getattr(args, k) for k in ("epochs", "layers", "latent_dim", "lr",
-                "warmup_epochs", "eval_samples", "eval_images")}  # fmt: skip
-    settings |= {"batch_size": 100, "optimizer": "adamax", "architecture": "mlp 300-300"}
-    for row in rows:
-        row["settings"] = settings
-    if args.merge:
-        rows = _merged(rows, device)
-    path = common.write("vae_table", device, {"settings": settings, "rows": rows})
-    _markdown(rows, settings, path, device)
+        # written after every posterior, so that a long run stopped later keeps what it finished
+        kept = _merged(rows, args.name, device) if args.merge else rows
+        common.write(args.name, device, {"settings": settings, "rows": kept})
+        _markdown()
 
 
-def _merged(rows: list[dict], device: torch.device) -> list[dict]:
+def _merged(rows: list[dict], name: str, device: torch.device) -> list[dict]:
     """The existing rows of other posteriors with the new ones, in the order of ``FLOWS``;
     each keeps the settings it ran with (``settings`` in its row)."""
-    old = json.loads(common.result_path("vae_table", device).read_text())
+    path = common.result_path(name, device)
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
     new = {row["posterior"]: row for row in rows}
     kept = [r | {"settings": r.get("settings", old["settings"])} for r in old["rows"]]
     merged = {r["posterior"]: r for r in kept} | new
     return sorted(merged.values(), key=lambda r: [*FLOWS, r["posterior"]].index(r["posterior"]))
 
 
-def _markdown(rows: list[dict], settings: dict, path: Path, device: torch.device) -> None:
-    """docs/vae-results.md: the table with its settings and the commands that give it."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, 1 thread"
-    runs = {}
-    for r in rows:
-        s = r["settings"]
-        command = (f"python benchmarks/vae_table.py --epochs {s['epochs']} --warmup-epochs "
-                   f"{s['warmup_epochs']} --eval-samples {s['eval_samples']} --eval-images "
-                   f"{s['eval_images']}")  # fmt: skip
-        runs.setdefault(command, []).append(r["posterior"])
-    commands = [f"`{c}`" + (f" (with `--flows {' '.join(names)} --merge`)" if len(runs) > 1
-                else "") for c, names in runs.items()]  # fmt: skip
+def _markdown() -> None:
+    """docs/vae-results.md: a table per results file (``vae_table*.json``), with its settings
+    and the commands that give it."""
+    paths = sorted(common.RESULTS.glob("vae_table*.json"), key=lambda p: (p.stem != "vae_table", p))
     lines = [
         "# VAE results on statically binarized MNIST",
         "",
-        f"Measured by {'; '.join(commands)} ({where}; figures in "
-        f"`benchmarks/results/{path.name}`). Every posterior: MLP 784-300-300 encoder and "
-        f"decoder, {settings['latent_dim']} latents, {settings['layers']} flow layers (CNF: 1), "
-        "each posterior's options beside it (IAF's MADE with one hidden layer of 320 units, "
-        "as in the Sylvester paper; orthogonal Sylvester's 32 columns; the CNF's trace in "
-        "training, evaluation being exact, and with `rank`, FFJORD's per-image low-rank "
-        f"updates of its dynamics), Adamax at {settings['lr']}, batch 100, KL "
-        "warm-up, the best epoch by validation ELBO; test figures on the first test images "
-        "(columns), NLL with K importance samples per image.",
+        "Every posterior: MLP 784-300-300 encoder and decoder, 4 flow layers (CNF: 1), each "
+        "posterior's options beside it (IAF's MADE with one hidden layer of 320 units, as in "
+        "the Sylvester paper; orthogonal Sylvester's 32 columns; the CNF's trace in training, "
+        "evaluation being exact, and with `rank`, FFJORD's per-image low-rank updates of its "
+        "dynamics), Adamax, batch 100, KL warm-up, the best epoch by validation ELBO; test "
+        "figures on the first test images (columns), NLL with K importance samples per image.",
         "",
         "The published -ELBO (van den Berg et al., 2018, for the VAE, planar, IAF and "
         "orthogonal Sylvester; Grathwohl et al., 2019, for FFJORD) comes from hundreds of "
         "epochs with gated-convolution networks and 16-layer flows: a short run is compared "
         "with it on ordering, not on value.",
+    ]
+    for path in paths:
+        lines += _table(json.loads(path.read_text()), path)
+    (ROOT / "docs" / "vae-results.md").write_text("\n".join(lines) + "\n")
+
+
+def _table(result: dict, path: Path) -> list[str]:
+    """One results file as a markdown section."""
+    rows, settings = result["rows"], result["settings"]
+    where = result["device"] if result["device_type"] == "cuda" else "CPU, 1 thread"
+    name = "" if result["benchmark"] == "vae_table" else f" --name {result['benchmark']}"
+    runs = {}
+    for r in rows:
+        s = r["settings"]
+        command = (f"python benchmarks/vae_table.py --epochs {s['epochs']} --warmup-epochs "
+                   f"{s['warmup_epochs']} --eval-samples {s['eval_samples']} --eval-images "
+                   f"{s['eval_images']}{name}")  # fmt: skip
+        runs.setdefault(command, []).append(r["posterior"])
+    commands = [f"`{c}`" + (f" (with `--flows {' '.join(names)} --merge`)" if len(runs) > 1
+                else "") for c, names in runs.items()]  # fmt: skip
+    epochs = sorted({r["settings"]["epochs"] for r in rows})
+    lines = [
+        "",
+        f"## {' and '.join(map(str, epochs))} epochs, {where}",
+        "",
+        f"Measured by {'; '.join(commands)} (figures in `benchmarks/results/{path.name}`): "
+        f"{settings['latent_dim']} latents, Adamax at {settings['lr']}, KL warm-up over "
+        f"{settings['warmup_epochs']} epochs.",
         "",
         "| posterior | options | epochs | train time (s) | test images | test -ELBO | "
         "test NLL (K) | published -ELBO |",
@@ -154,7 +173,7 @@ def _markdown(rows: list[dict], settings: dict, path: Path, device: torch.device
         lines.append(f"| {r['posterior']} | {options} | {r['epochs']} | {r['train_seconds']:.0f} | "
                      f"{r['images']} | {r['neg_elbo']:.2f} | {r['nll']:.2f} ± "
                      f"{r['nll_stderr']:.2f} ({r['num_samples']}) | {published} |")  # fmt: skip
-    (ROOT / "docs" / "vae-results.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":
