@@ -61,7 +61,14 @@ def _feasible(site: dict) -> Tensor:
 
 def init_to_median_or_feasible(site: dict | None = None, num_samples: int = 15) -> Any:
     """AutoFlow's default placement: Pyro's ``init_to_median``, falling back to
-    :func:`_feasible` where the site's distribution cannot be sampled."""
+    :func:`_feasible` where the site's distribution cannot be sampled.
+
+    >>> from pyro.distributions import ImproperUniform, constraints
+    >>> site = {"type": "sample", "name": "s", "is_observed": False, "infer": {}, "value": None,
+    ...         "fn": ImproperUniform(constraints.positive, (), (2,))}  # fmt: skip
+    >>> init_to_median_or_feasible(site)  # no draws to take a median of: a feasible point
+    tensor([1., 1.])
+    """
     if site is None:
         return partial(init_to_median_or_feasible, num_samples=num_samples)
     try:

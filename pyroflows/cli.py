@@ -55,6 +55,11 @@ def _version() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The ``pyroflows`` command's arguments: ``demo``, ``sample``, ``vae`` and ``density``.
+
+    >>> parser().parse_args(["demo", "--flow", "iaf"]).flow
+    'iaf'
+    """
     out = argparse.ArgumentParser(prog="pyroflows", description=__doc__)
     out.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = out.add_subparsers(dest="command", metavar="COMMAND")
@@ -97,8 +102,8 @@ def parser() -> argparse.ArgumentParser:
         help="folder for the figures and results.md (default: pyroflows-demo)",
     )
     _sample_parser(commands)
-    from .density.command import add_parser as add_density
-    from .vae.command import add_parser as add_vae
+    from .density._command import add_parser as add_density
+    from .vae._command import add_parser as add_vae
 
     add_vae(commands, _positive_int)
     add_density(commands, _positive_int)
@@ -236,16 +241,23 @@ def _run_sample(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``pyroflows`` command with ``argv`` (default: ``sys.argv[1:]``); the exit code.
+
+    >>> main(["sample", "--target", "nowhere"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
+    """
     cli = parser()
     args = cli.parse_args(argv)
     if args.command == "sample":
         return _run_sample(cli, args)
     if args.command == "vae":
-        from .vae.command import run
+        from .vae._command import run
 
         return run(cli, args)
     if args.command == "density":
-        from .density.command import run as run_density
+        from .density._command import run as run_density
 
         return run_density(cli, args)
     if args.command != "demo":

@@ -18,7 +18,11 @@ BANANA_BEND = 0.5  # z2 | z1 ~ N(0.5 (z1² - 4), 1)
 
 
 def banana_log_density(z: Tensor) -> Tensor:
-    """Unnormalised log density; its normaliser is ``log Z = log(2π · 2)``."""
+    """Unnormalised log density; its normaliser is ``log Z = log(2π · 2)``.
+
+    >>> banana_log_density(torch.tensor([[2.0, 0.0], [2.0, 1.0]]))  # on its ridge, one off
+    tensor([-0.5000, -1.0000])
+    """
     z1, z2 = z[..., 0], z[..., 1]
     return -0.5 * (z1 / BANANA_SCALE) ** 2 - 0.5 * (z2 - BANANA_BEND * (z1**2 - 4)) ** 2
 
@@ -28,6 +32,14 @@ BANANA_LOG_Z = math.log(2 * math.pi * BANANA_SCALE)
 
 @dataclass
 class DemoResult:
+    """What :func:`run_demo` found: the ELBO, the importance-sampled log Z with its standard
+    error beside the exact one, and PSIS k-hat with its verdict.
+
+    >>> r = DemoResult("realnvp", 2.4, 2.52, 0.01, BANANA_LOG_Z, 0.3, "good")
+    >>> round(r.exact_log_z - r.log_z, 3)
+    0.011
+    """
+
     flow: str
     elbo: float
     log_z: float

@@ -81,7 +81,10 @@ def from_environment(device: torch.device) -> Iterator[torch.device]:
 
 def check_devices(device: torch.device) -> None:
     """A clear error where the ranks hold their modules on different kinds of device, or
-    where the backend cannot carry this device's tensors (NCCL needs CUDA)."""
+    where the backend cannot carry this device's tensors (NCCL needs CUDA).
+
+    >>> check_devices(torch.device("cpu"))  # one process: nothing to compare
+    """
     world = rank_and_world()[1]
     if world == 1:
         return
@@ -99,7 +102,11 @@ def check_devices(device: torch.device) -> None:
 
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of processes (``(0, 1)`` without a process
-    group)."""
+    group).
+
+    >>> rank_and_world()
+    (0, 1)
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -124,6 +131,13 @@ def log_marginal_likelihood(
     module docstring). ``max_plate_nesting`` defaults to 1, the data plate; ``progress``
     shows a bar over this rank's batches. Every rank returns the whole result on ``x``'s
     device.
+
+    >>> from pyroflows.vae import VAE
+    >>> vae = VAE((2, 2), latent_dim=2, flow="none", hidden_dim=8)
+    >>> x = torch.bernoulli(torch.full((5, 4), 0.5))
+    >>> r = log_marginal_likelihood(vae.model, vae.guide, x, num_samples=20, batch_size=2)
+    >>> r.log_px.shape, r.stderr.shape  # per image, whatever the batches
+    (torch.Size([5]), torch.Size([5]))
     """
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a tensor of data rows, got {type(x).__name__}")
@@ -148,7 +162,12 @@ def log_marginal_likelihood(
 
 
 def all_reduce_sum(tensors: list[Tensor]) -> None:
-    """Sum each tensor over the ranks, in place (nothing without a process group)."""
+    """Sum each tensor over the ranks, in place (nothing without a process group).
+
+    >>> total = torch.tensor([1.0, 2.0])
+    >>> all_reduce_sum([total]); total  # one process: unchanged
+    tensor([1., 2.])
+    """
     if rank_and_world()[1] > 1:
         for t in tensors:
             dist.all_reduce(t)

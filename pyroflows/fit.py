@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from tqdm.auto import trange
 
 from . import _checks, diagnostics, distributed
+from ._fit_model import fit_model, optimize
 from ._scores import stopped_log_prob
 from .autoguide import init_to_median_or_feasible
-from .fit_model import fit_model, optimize
 from .flows import RECIPES, build
 from .infer.weights import weighted_draws
 from .targets import Target
@@ -67,6 +67,12 @@ class FitResult:
 
     For a Pyro model ``q`` is the ``AutoFlow`` guide's posterior over the unconstrained
     latent vector, ``guide`` the guide, and draws are dictionaries by site name.
+
+    >>> r = fit("banana", "planar", num_layers=2, steps=5, num_eval=500, progress=False)
+    >>> r.sample((3,)).shape, r.resample(10).shape, len(r.losses), r.stopped
+    (torch.Size([3, 2]), torch.Size([10, 2]), 5, None)
+    >>> r.q.log_prob(torch.zeros(2)).shape, r.diagnostics.num_samples
+    (torch.Size([]), 500)
     """
 
     q: dist.TransformedDistribution

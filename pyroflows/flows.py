@@ -114,7 +114,12 @@ RECIPES: dict[str, Layers] = {
 
 def conditioned(layers: list[Flow], context: Tensor | None) -> list[Transform]:
     """The layers of a built recipe given ``context``: each amortized layer conditioned on it,
-    the unconditional ones (``glow``'s ActNorm and LU layers, ``nice``'s scaling) as they are."""
+    the unconditional ones (``glow``'s ActNorm and LU layers, ``nice``'s scaling) as they are.
+
+    >>> flow = build("glow", 4, num_layers=1, context_dim=3)
+    >>> [type(t).__name__ for t in conditioned(list(flow), torch.zeros(3))]
+    ['ActNorm', 'LULinear', 'ConditionedFlow']
+    """
     return [t.condition(context) if t.context_dim else t for t in layers]
 
 

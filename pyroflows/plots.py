@@ -52,7 +52,12 @@ def _box(samples: Tensor, log_density=None) -> tuple[tuple[float, float], tuple[
 def plot_fit(result: FitResult, path: str | Path, num_points: int = 2000) -> None:
     """Target density, fitted density and the fit's draws side by side for a 2-D target;
     for more coordinates, the draws' first two coordinates and the importance-resampled
-    ones (closer to the target when k-hat < 0.7)."""
+    ones (closer to the target when k-hat < 0.7).
+
+    >>> import pyroflows as pf, tempfile
+    >>> r = pf.fit("u1", "planar", num_layers=2, steps=5, num_eval=200, progress=False)
+    >>> plot_fit(r, Path(tempfile.mkdtemp()) / "fit.png")
+    """
     plt = _pyplot()
     x, _, _ = result._evaluation()
     anchor = result.q.base_dist.mean
@@ -92,7 +97,11 @@ def plot_fit(result: FitResult, path: str | Path, num_points: int = 2000) -> Non
 
 
 def plot_losses(losses: Sequence[float], path: str | Path) -> None:
-    """The loss ``E_q[log q - β log p]`` per step (its minimum is ``-log Z``)."""
+    """The loss ``E_q[log q - β log p]`` per step (its minimum is ``-log Z``).
+
+    >>> import tempfile
+    >>> plot_losses([3.0, 2.2, 1.9, 1.85], Path(tempfile.mkdtemp()) / "loss.png")
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(len(losses)), losses, linewidth=0.8)
@@ -106,7 +115,11 @@ def plot_losses(losses: Sequence[float], path: str | Path) -> None:
 
 def plot_k_hats(k_hats: Sequence[float], path: str | Path) -> None:
     """PSIS k-hat of repeated fits (one per seed) against Yao et al.'s 0.5 and 0.7 lines:
-    how often a fit of this recipe and budget can be trusted."""
+    how often a fit of this recipe and budget can be trusted.
+
+    >>> import tempfile
+    >>> plot_k_hats([0.31, 0.45, 0.82], Path(tempfile.mkdtemp()) / "k_hat.png")
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(len(k_hats)), k_hats, "o")
@@ -120,7 +133,13 @@ def plot_k_hats(k_hats: Sequence[float], path: str | Path) -> None:
 
 def plot_training(history: Sequence[dict[str, float]], path: str | Path) -> None:
     """A VAE run's training loss and validation -ELBO per image, per epoch (the records of
-    :class:`pyroflows.vae.TrainRun`)."""
+    :class:`pyroflows.vae.TrainRun`).
+
+    >>> import tempfile
+    >>> history = [{"epoch": 1, "train_loss": 120.0, "valid_loss": 118.0},
+    ...            {"epoch": 2, "train_loss": 110.0, "valid_loss": 109.5}]  # fmt: skip
+    >>> plot_training(history, Path(tempfile.mkdtemp()) / "training.png")
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [h["epoch"] for h in history]
@@ -136,7 +155,12 @@ def plot_images(
     blocks: Sequence[Tensor], image_shape: tuple[int, int], path: str | Path, columns: int
 ) -> None:  # fmt: skip
     """Grey images ``(n, H * W)`` with values in [0, 1], tiled ``columns`` to a row; each
-    tensor in ``blocks`` starts a new row."""
+    tensor in ``blocks`` starts a new row.
+
+    >>> import tempfile
+    >>> images = torch.rand(2, 8, 64)  # two rows of eight 8x8 images
+    >>> plot_images(list(images), (8, 8), Path(tempfile.mkdtemp()) / "grid.png", columns=8)
+    """
     plt = _pyplot()
     grid = torch.cat([_tiles(images.detach().cpu(), image_shape, columns) for images in blocks])
     inches = max(4 / max(grid.shape), 1 / 40)  # per pixel: at least 4 inches on the long side
@@ -160,7 +184,13 @@ def _tiles(images: Tensor, shape: tuple[int, int], columns: int) -> Tensor:
 def plot_density_training(history: Sequence[dict[str, float]], path: str | Path) -> None:
     """A maximum-likelihood fit's training and validation negative log-likelihood per epoch
     (bits per dimension for discrete data): the records of
-    :class:`pyroflows.density.DensityFit`."""
+    :class:`pyroflows.density.DensityFit`.
+
+    >>> import tempfile
+    >>> history = [{"epoch": 1, "train_nll": 2.9, "valid_nll": 2.8},
+    ...            {"epoch": 2, "train_nll": 2.7, "valid_nll": 2.75}]  # fmt: skip
+    >>> plot_density_training(history, Path(tempfile.mkdtemp()) / "training.png")
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     unit = "bits_per_dim" if history and "train_bits_per_dim" in history[0] else "nll"
@@ -177,7 +207,15 @@ def plot_density_training(history: Sequence[dict[str, float]], path: str | Path)
 
 def plot_density_samples(model, data, path: str | Path, num: int = 64) -> None:
     """Draws of a fitted density model beside data: image tiles for square images, the
-    first two coordinates otherwise."""
+    first two coordinates otherwise.
+
+    >>> import tempfile
+    >>> from pyroflows.density import DensityModel
+    >>> from pyroflows.density.data import load
+    >>> data = load("digits")  # 8x8 images on 17 levels
+    >>> model = DensityModel(64, "realnvp", 2, dequantize="uniform", levels=17)
+    >>> plot_density_samples(model, data, Path(tempfile.mkdtemp()) / "samples.png", num=16)
+    """
     draws = model.sample(num if data.image_shape else 2000).cpu()
     shown = data.train[: len(draws)].cpu()
     if data.image_shape:

@@ -24,7 +24,11 @@ SCHOOLS_SIGMA = (15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0)
 def eight_schools(device: str | torch.device = "cpu") -> Callable[[], None]:
     """Rubin's eight schools, non-centred: ``mu ~ N(0, 5²)``, ``tau ~ HalfCauchy(5)``,
     ``theta_tilde ~ N(0, 1)`` per school, ``y ~ N(mu + tau theta_tilde, sigma²)`` (10 latent
-    coordinates)."""
+    coordinates).
+
+    >>> eight_schools()() is None  # a model without arguments, its data inside
+    True
+    """
     device = _checks.device("device", device)
     y = torch.tensor(SCHOOLS_Y, device=device)
     sigma = torch.tensor(SCHOOLS_SIGMA, device=device)
@@ -44,7 +48,13 @@ def eight_schools(device: str | torch.device = "cpu") -> Callable[[], None]:
 def breast_cancer_logistic(device: str | torch.device = "cpu") -> Callable[[], None]:
     """Bayesian logistic regression on scikit-learn's bundled Wisconsin breast-cancer data
     (569 tumours, 30 standardised features): ``w ~ N(0, I₃₀)``, ``b ~ N(0, 1)``,
-    ``malignant ~ Bernoulli(sigmoid(x w + b))`` (31 latent coordinates)."""
+    ``malignant ~ Bernoulli(sigmoid(x w + b))`` (31 latent coordinates).
+
+    >>> import pyro
+    >>> trace = pyro.poutine.trace(breast_cancer_logistic()).get_trace()
+    >>> trace.nodes["w"]["value"].shape, trace.nodes["malignant"]["value"].shape
+    (torch.Size([30]), torch.Size([569]))
+    """
     from sklearn.datasets import load_breast_cancer
 
     device = _checks.device("device", device)

@@ -25,7 +25,15 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 class Target(nn.Module):
-    """Base class: subclasses set ``dim`` and ``log_z`` and define ``_log_prob``."""
+    """Base class: subclasses set ``dim`` and ``log_z`` and define ``_log_prob``.
+
+    >>> class Gaussian(Target):
+    ...     dim, log_z = 2, 0.0
+    ...     def _log_prob(self, x):
+    ...         return -0.5 * x.square().sum(-1) - math.log(2 * math.pi)
+    >>> Gaussian()(torch.zeros(3, 2)).shape  # any leading batch shape
+    torch.Size([3])
+    """
 
     dim: int
     log_z: float | None = None
@@ -77,6 +85,10 @@ class Energy2D(Target):
     ``U2``-``U4`` do not decay along ``z1`` (the paper draws them on ``[-4, 4]²``); here a
     soft wall ``-½ (max(|z1| - 4, 0) / 0.2)²`` makes them proper. ``log_z`` is computed by
     quadrature on ``[-8, 8]²``.
+
+    >>> u1 = Energy2D(1)
+    >>> round(u1.log_z, 3), u1.log_prob(torch.zeros(4, 2)).shape
+    (1.878, torch.Size([4]))
     """
 
     dim = 2
@@ -111,7 +123,12 @@ class Energy2D(Target):
 
 
 class Funnel(Target):
-    """Neal's funnel: ``x0 ~ N(0, 3²)``, ``xᵢ ~ N(0, exp(x0))``; normalised, exact samples."""
+    """Neal's funnel: ``x0 ~ N(0, 3²)``, ``xᵢ ~ N(0, exp(x0))``; normalised, exact samples.
+
+    >>> funnel = Funnel(dim=10)
+    >>> funnel.log_z, funnel.sample((500,)).shape, funnel.log_prob(torch.zeros(10)).shape
+    (0.0, torch.Size([500, 10]), torch.Size([]))
+    """
 
     log_z = 0.0
 
@@ -134,7 +151,13 @@ class Funnel(Target):
 
 class Banana(Target):
     """Haario's twisted Gaussian: ``x ~ N(0, diag(100, 1, ..., 1))`` mapped by
-    ``x2 ↦ x2 + b (x1² - 100)``, ``b = curvature``; volume-preserving, so normalised."""
+    ``x2 ↦ x2 + b (x1² - 100)``, ``b = curvature``; volume-preserving, so normalised.
+
+    >>> banana = Banana(dim=10)
+    >>> x = banana.sample((4, 3))  # exact draws, any sample shape
+    >>> banana.log_prob(x).shape, banana.log_z
+    (torch.Size([4, 3]), 0.0)
+    """
 
     log_z = 0.0
 
@@ -160,7 +183,14 @@ class Banana(Target):
 
 class GaussianMixture(Target):
     """An equal-weight mixture of isotropic Gaussians with means ``locs`` ``(K, dim)`` and
-    standard deviation ``scale``; normalised, exact samples."""
+    standard deviation ``scale``; normalised, exact samples.
+
+    >>> mixture = GaussianMixture(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]), scale=0.5)
+    >>> mixture
+    GaussianMixture(dim=2, modes=2, scale=0.5)
+    >>> mixture.sample((1000,)).shape
+    torch.Size([1000, 2])
+    """
 
     log_z = 0.0
 
@@ -184,20 +214,32 @@ class GaussianMixture(Target):
 
 
 def ring(modes: int = 8, radius: float = 4.0, scale: float = 0.5) -> GaussianMixture:
-    """``modes`` Gaussians evenly spaced on a circle."""
+    """``modes`` Gaussians evenly spaced on a circle.
+
+    >>> ring(modes=8, radius=4.0)
+    GaussianMixture(dim=2, modes=8, scale=0.5)
+    """
     angles = torch.arange(_checks.positive_int("modes", modes)) * (2 * math.pi / modes)
     return GaussianMixture(radius * torch.stack([angles.cos(), angles.sin()], -1), scale)
 
 
 def grid(side: int = 3, spacing: float = 4.0, scale: float = 0.5) -> GaussianMixture:
-    """``side × side`` Gaussians on a square grid centred at the origin."""
+    """``side × side`` Gaussians on a square grid centred at the origin.
+
+    >>> grid(side=3)
+    GaussianMixture(dim=2, modes=9, scale=0.5)
+    """
     axis = (torch.arange(_checks.positive_int("side", side)) - (side - 1) / 2) * spacing
     return GaussianMixture(torch.cartesian_prod(axis, axis), scale)
 
 
 def gmm40() -> GaussianMixture:
     """The 40-mode 2-D mixture of the FAB paper (Midgley et al., 2023), built as its code
-    does: means uniform on ``[-40, 40]²`` drawn with torch seed 0, scale ``softplus(1)``."""
+    does: means uniform on ``[-40, 40]²`` drawn with torch seed 0, scale ``softplus(1)``.
+
+    >>> gmm40().log_prob(torch.zeros(5, 2)).shape
+    torch.Size([5])
+    """
     generator = torch.Generator().manual_seed(0)
     locs = (torch.rand(40, 2, generator=generator) - 0.5) * 2 * 40
     return GaussianMixture(locs, F.softplus(torch.tensor(1.0)).item())
@@ -206,7 +248,12 @@ def gmm40() -> GaussianMixture:
 class ManyWell(Target):
     """``dim / 2`` independent double wells, ``-x1⁴ + 6 x1² + ½ x1 - ½ x2²`` each (FAB's
     many-well; ``log_z`` = 164.70 at ``dim=32``, from 1-D quadrature); exact samples (``x1``
-    by inverting its tabulated distribution function)."""
+    by inverting its tabulated distribution function).
+
+    >>> wells = ManyWell(dim=32)
+    >>> round(wells.log_z, 2), wells.sample((2,)).shape
+    (164.7, torch.Size([2, 32]))
+    """
 
     def __init__(self, dim: int = 32) -> None:
         super().__init__()
@@ -241,7 +288,12 @@ class ManyWell(Target):
 
 class IllConditionedGaussian(Target):
     """``N(0, Σ)`` with eigenvalues log-spaced from ``1/√condition`` to ``√condition`` and a
-    random rotation (torch seed 0); normalised, exact samples."""
+    random rotation (torch seed 0); normalised, exact samples.
+
+    >>> gaussian = IllConditionedGaussian(dim=5, condition=100.0)
+    >>> gaussian.sample((3,)).shape, gaussian.log_z
+    (torch.Size([3, 5]), 0.0)
+    """
 
     log_z = 0.0
 

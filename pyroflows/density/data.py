@@ -26,7 +26,12 @@ SPLITS = ("train", "valid", "test")
 class Rows:
     """Train, validation and test rows ``(N, D)`` as floats; ``levels`` is the number of
     integer values for discrete data (``None`` for continuous data); ``image_shape`` is set
-    for square images."""
+    for square images.
+
+    >>> rows = Rows(torch.rand(8, 3), None, None, levels=None, name="uniform")
+    >>> rows.to("cpu").train.shape
+    torch.Size([8, 3])
+    """
 
     train: Tensor
     valid: Tensor | None
@@ -47,7 +52,15 @@ def load(data: str | Path, *, seed: int = 0) -> Rows:
     ``"mnist"`` (binarized MNIST as :func:`pyroflows.vae.load` finds it: 2 levels), or the
     path of an ``.npz`` file holding ``train`` (and optionally ``valid``, ``test``) arrays of
     shape ``(N, *features)``: integer-valued arrays are discrete with ``levels = max + 1``
-    (binary MNIST files with their 0/1 pixels included), anything else continuous."""
+    (binary MNIST files with their 0/1 pixels included), anything else continuous.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "counts.npz"
+    >>> np.savez(path, train=np.random.default_rng(0).integers(0, 5, (100, 3)))
+    >>> rows = load(path)
+    >>> rows.levels, rows.valid, tuple(rows.train.shape)  # integers 0-4: five levels
+    (5, None, (100, 3))
+    """
     if data == "digits":
         return load_digits(seed=seed)
     if data == "mnist":
@@ -78,7 +91,12 @@ def load(data: str | Path, *, seed: int = 0) -> Rows:
 
 def load_digits(*, seed: int = 0) -> Rows:
     """scikit-learn's 8x8 digits with their grey levels 0-16 kept (17 levels); a fixed
-    shuffle (``seed``) gives 1397 / 200 / 200 images."""
+    shuffle (``seed``) gives 1397 / 200 / 200 images.
+
+    >>> rows = load_digits()
+    >>> rows.levels, rows.train.max().item(), len(rows.valid), len(rows.test)
+    (17, 16.0, 200, 200)
+    """
     from sklearn.datasets import load_digits as sklearn_digits
 
     grey = torch.tensor(sklearn_digits().data, dtype=torch.float32)

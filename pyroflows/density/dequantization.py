@@ -34,7 +34,15 @@ KINDS = ("uniform", "variational")
 
 def check_levels(x: Tensor, levels: int, name: str = "x") -> Tensor:
     """``x`` as floats, refused (naming ``name``) unless every value is an integer in
-    ``[0, levels - 1]``."""
+    ``[0, levels - 1]``.
+
+    >>> check_levels(torch.tensor([0, 3, 16]), levels=17)
+    tensor([ 0.,  3., 16.])
+    >>> check_levels(torch.tensor([0, 17]), levels=17)
+    Traceback (most recent call last):
+    ...
+    ValueError: x: values must lie in [0, 16] for levels=17, got values in [0, 17]
+    """
     values = x.float() if not x.is_floating_point() else x
     if not bool(torch.isfinite(values).all()) or not bool((values == values.round()).all()):
         raise ValueError(

@@ -83,6 +83,20 @@ def stopped_guide_log_probs(guide, guide_trace, args, kwargs, num_particles: int
     ``stopped_log_probs(guide_trace)`` method (:class:`~pyroflows.AutoFlow`,
     :class:`~pyroflows.AmortizedFlowGuide`) computes them itself, without the re-run, unless
     it returns ``None``.
+
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyroflows.infer.weights import traces
+    >>> loc = pyro.param("loc", torch.tensor(0.5))
+    >>> def guide():
+    ...     pyro.sample("z", dist.Normal(pyro.param("loc"), 1.0))
+    >>> _, guide_trace = traces(guide, guide, (), {}, 3, 1)
+    >>> log_q = stopped_guide_log_probs(guide, guide_trace, (), {}, 3, 1)["z"]
+    >>> z, log_q_traced = guide_trace.nodes["z"]["value"], guide_trace.nodes["z"]["log_prob"]
+    >>> torch.allclose(log_q, log_q_traced)  # the same values
+    True
+    >>> (gradient,) = torch.autograd.grad(log_q.sum(), loc)
+    >>> torch.allclose(gradient, -(z - loc).sum())  # the path term alone, no score term
+    True
     """
     own = getattr(guide, "stopped_log_probs", None)
     if callable(own) and (log_probs := own(guide_trace)) is not None:

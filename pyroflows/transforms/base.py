@@ -36,7 +36,26 @@ Params = dict[str, Tensor]  # what ``_params`` returns in the parameter-valued f
 
 
 class Flow(_CachedBijection, TransformModule):
-    """Base class of every flow family (see the module docstring for the contract)."""
+    """Base class of every flow family (see the module docstring for the contract).
+
+    >>> import torch, pyro.distributions as dist
+    >>> class Scale(Flow):  # x ↦ x exp(s), elementwise
+    ...     def __init__(self, dim):
+    ...         super().__init__(dim)
+    ...         self.log_scale = torch.nn.Parameter(torch.full((dim,), 0.5))
+    ...     def _params(self, context):
+    ...         return self.log_scale
+    ...     def _forward(self, x, log_scale):
+    ...         return x * log_scale.exp(), log_scale.sum().expand(x.shape[:-1])
+    ...     def _backward(self, y, log_scale):
+    ...         return y * (-log_scale).exp(), -log_scale.sum().expand(y.shape[:-1])
+    >>> t, x = Scale(2), torch.randn(3, 2)
+    >>> t.log_abs_det_jacobian(x, t(x)), torch.allclose(t.inv(t(x).clone()), x)
+    (tensor([1., 1., 1.], grad_fn=<ExpandBackward0>), True)
+    >>> q = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [t])
+    >>> q.log_prob(q.rsample((4,))).shape
+    torch.Size([4])
+    """
 
     _revision = 0  # a family raises it when a setting that changes the map is changed
     # the directions computed by an iterative solve: a row that is not finite gives NaN
@@ -132,6 +151,14 @@ class ConditionedFlow(_CachedBijection):
     The context of shape ``(*batch, context_dim)`` broadcasts against the batch dimensions
     of the input ``(..., *batch, dim)``. Parameters are recomputed from the context on each
     call, so one conditioned transform can be reused across optimisation steps.
+
+    >>> import torch
+    >>> from pyroflows.transforms import Planar
+    >>> t = Planar(3, context_dim=2).condition(torch.randn(5, 2))  # one context per row
+    >>> t
+    ConditionedFlow(Planar())
+    >>> t(torch.randn(4, 5, 3)).shape  # (sample, *batch, dim)
+    torch.Size([4, 5, 3])
     """
 
     def __init__(self, flow: Flow, context: Tensor) -> None:

@@ -39,7 +39,11 @@ _SHIFT = math.log(math.expm1(1 - MIN_DERIVATIVE))  # softplus(0 + shift) + min =
 
 
 def num_params(bins: int) -> int:
-    """Free values per coordinate: ``K`` widths, ``K`` heights, ``K - 1`` derivatives."""
+    """Free values per coordinate: ``K`` widths, ``K`` heights, ``K - 1`` derivatives.
+
+    >>> num_params(8)
+    23
+    """
     return 3 * bins - 1
 
 
@@ -48,7 +52,17 @@ def rational_quadratic(
 ) -> tuple[Tensor, Tensor]:
     """The spline (or with ``inverse=True`` its inverse) of ``x`` of shape ``(..., dim)``
     with free values ``raw`` of shape ``(..., dim, 3K - 1)`` (batch shapes broadcast), and
-    the log-derivative of the map applied at each coordinate."""
+    the log-derivative of the map applied at each coordinate.
+
+    >>> x = torch.tensor([-3.0, 0.5, 1.5])  # the first outside [-B, B]: the identity there
+    >>> raw = torch.randn(3, num_params(4))
+    >>> y, log_derivative = rational_quadratic(x, raw, bound=2.0)
+    >>> x_back, inverse_log_derivative = rational_quadratic(y, raw, bound=2.0, inverse=True)
+    >>> torch.allclose(x_back, x, atol=1e-5), y[0].item(), log_derivative[0].item()
+    (True, -3.0, 0.0)
+    >>> torch.allclose(inverse_log_derivative, -log_derivative, atol=1e-5)
+    True
+    """
     bins = (raw.shape[-1] + 1) // 3
     w, h, d = raw.split((bins, bins, bins - 1), dim=-1)
     widths = _knots(w, bound, bins)

@@ -36,6 +36,10 @@ class BinaryImages:
     Values are 0 and 1, except ``train`` when ``dynamic``: then it holds grey levels in
     [0, 1], and :meth:`train_epoch` binarizes them afresh each epoch (validation and test are
     binarized once, with the loader's seed).
+
+    >>> data = load_digits(binarize="dynamic")
+    >>> data.dynamic, bool((data.train_epoch() != data.train_epoch()).any())  # fresh each epoch
+    (True, True)
     """
 
     train: Tensor
@@ -63,6 +67,13 @@ def load(
     environment variable ``PYROFLOWS_DATA``, default ``./data``), or a path: an ``.npz`` file,
     or a folder of ``.amat`` files or of MNIST IDX files. ``binarize`` (``"static"`` with
     ``seed``, or ``"dynamic"``) applies to data that arrive in grey levels: IDX files, digits.
+
+    >>> load("digits", seed=1).name
+    'digits'
+    >>> load("no/such/folder")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: data: 'no/such/folder' is neither 'digits', 'mnist', nor an existing ...
     """
     _checks.one_of("binarize", binarize, ("static", "dynamic"))
     if data == "digits":
@@ -99,7 +110,16 @@ def load(
 def load_npz(path: str | Path) -> BinaryImages:
     """Arrays ``train``, ``valid``, ``test`` of 0/1 pixels, square images flattened, either
     as they are ``(N, H * W)`` or bit-packed along the pixel axis as ``uint8`` ``(N, ceil(H W
-    / 8))`` with the pixel count in an optional array ``pixels`` (784 when absent)."""
+    / 8))`` with the pixel count in an optional array ``pixels`` (784 when absent).
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "tiny.npz"
+    >>> split = lambda n: np.random.default_rng(0).integers(0, 2, (n, 16))  # 4x4 images
+    >>> np.savez(path, train=split(10), valid=split(2), test=split(2))
+    >>> data = load_npz(path)
+    >>> data.image_shape, tuple(data.train.shape), data.name
+    ((4, 4), (10, 16), 'tiny')
+    """
     path = Path(path)
     try:
         with np.load(path) as f:
@@ -127,7 +147,16 @@ def load_npz(path: str | Path) -> BinaryImages:
 
 
 def load_amat(folder: str | Path) -> BinaryImages:
-    """``binarized_mnist_{train,valid,test}.amat``: one image per line, 784 values 0/1."""
+    """``binarized_mnist_{train,valid,test}.amat``: one image per line, 784 values 0/1.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for split in SPLITS:  # two 2x2 images a split
+    ...     _ = (folder / AMAT.format(split)).write_text("0 1 1 0\\n1 1 0 0\\n")
+    >>> data = load_amat(folder)
+    >>> data.image_shape, data.test.tolist()
+    ((2, 2), [[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    """
     folder = Path(folder)
     splits = {}
     for split in SPLITS:
@@ -146,7 +175,18 @@ def load_amat(folder: str | Path) -> BinaryImages:
 def load_idx(folder: str | Path, *, binarize: str = "static", seed: int = 0) -> BinaryImages:
     """MNIST's IDX image files (optionally gzipped): the last 10000 training images are the
     validation split; pixels are binarized with probability ``grey / 255``, statically with
-    ``seed`` or (``binarize="dynamic"``) afresh each training epoch."""
+    ``seed`` or (``binarize="dynamic"``) afresh each training epoch.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> def write(name, n):  # n grey 2x2 images in IDX format
+    ...     header = bytes([0, 0, 8, 3]) + b"".join(k.to_bytes(4, "big") for k in (n, 2, 2))
+    ...     _ = (folder / name).write_bytes(header + bytes([0, 255, 128, 64]) * n)
+    >>> write(IDX["train"], MNIST_VALID + 5); write(IDX["test"], 3)
+    >>> data = load_idx(folder)
+    >>> len(data.train), len(data.valid), len(data.test), data.test[0, :2].tolist()
+    (5, 10000, 3, [0.0, 1.0])
+    """
     folder = Path(folder)
     (train, shape), (test, test_shape) = (
         _read_idx(_idx_path(folder, IDX[s])) for s in ("train", "test")
@@ -163,7 +203,12 @@ def load_idx(folder: str | Path, *, binarize: str = "static", seed: int = 0) -> 
 
 def load_digits(*, binarize: str = "static", seed: int = 0) -> BinaryImages:
     """scikit-learn's 1797 bundled 8x8 digits, grey levels 0-16 binarized with probability
-    ``grey / 16``; a fixed shuffle (``seed``) gives 1397 / 200 / 200 images."""
+    ``grey / 16``; a fixed shuffle (``seed``) gives 1397 / 200 / 200 images.
+
+    >>> data = load_digits()
+    >>> len(data.train), len(data.valid), len(data.test)
+    (1397, 200, 200)
+    """
     from sklearn.datasets import load_digits as sklearn_digits
 
     grey = torch.tensor(sklearn_digits().data, dtype=torch.float32) / 16.0
@@ -184,7 +229,15 @@ def _binarized(grey: dict, shape, name: str, binarize: str, generator) -> Binary
 
 
 def check_binary(x: Tensor, where: str) -> Tensor:
-    """``x`` as floats, refused (naming ``where``) unless every value is 0 or 1."""
+    """``x`` as floats, refused (naming ``where``) unless every value is 0 or 1.
+
+    >>> check_binary(torch.tensor([0, 1, 1]), "x")
+    tensor([0., 1., 1.])
+    >>> check_binary(torch.tensor([0.0, 0.5]), "images.npz[train]")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: images.npz[train]: the Bernoulli decoder needs pixels that are 0 or 1, got ...
+    """
     x = x.float()
     if not ((x == 0) | (x == 1)).all():
         raise ValueError(

@@ -39,7 +39,15 @@ def evaluate(
     draw from ``seed`` on and are shared out over the processes of ``torch.distributed``
     when it runs (:func:`pyroflows.distributed.log_marginal_likelihood`): the figures are the
     same for any number of processes. A CNF posterior trained on Hutchinson's trace estimate
-    is evaluated with the exact trace (:func:`pyroflows.transforms.continuous.exact_traces`)."""
+    is evaluated with the exact trace (:func:`pyroflows.transforms.continuous.exact_traces`).
+
+    >>> from pyroflows.vae import load
+    >>> data = load("digits")
+    >>> vae = VAE(data.image_shape, latent_dim=4, flow="iaf", num_layers=1, hidden_dim=16)
+    >>> r = evaluate(vae, data.test[:20], num_samples=100)
+    >>> r["nll"] <= r["neg_elbo"], r["images"]  # log p(x) estimates bound the ELBO from above
+    (True, 20)
+    """
     x = vae.check_images(x)
     _checks.positive_int("num_samples", num_samples)
     vae.eval()
@@ -64,7 +72,14 @@ def save_figures(
 ) -> list[Path]:  # fmt: skip
     """``samples.png`` (``num_images`` images decoded from the prior) and
     ``reconstructions.png`` (the first 32 of ``x`` above, one posterior reconstruction of
-    each below), their names after ``prefix``, in the folder ``out``; returns their paths."""
+    each below), their names after ``prefix``, in the folder ``out``; returns their paths.
+
+    >>> import tempfile
+    >>> vae = VAE((8, 8), latent_dim=2, hidden_dim=8)
+    >>> paths = save_figures(vae, torch.zeros(4, 64), tempfile.mkdtemp(), prefix="untrained-")
+    >>> [p.name for p in paths]
+    ['untrained-samples.png', 'untrained-reconstructions.png']
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x = vae.check_images(x)[:32]

@@ -42,6 +42,15 @@ class VAE(nn.Module):
     objective as ``pyroflows.infer.ELBO(kl_weight=..., free_bits=...).differentiable_loss``
     without Pyro's tracing (a test checks they agree); the trainer combines the per-image
     terms of ``forward`` the same way, summed over the processes that share a batch.
+
+    >>> import pyro
+    >>> from pyroflows.infer import ELBO
+    >>> vae = VAE((8, 8), latent_dim=4, flow="iaf", num_layers=2, hidden_dim=32)
+    >>> x = torch.bernoulli(torch.full((10, 64), 0.3))
+    >>> svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), ELBO())
+    >>> loss = svi.step(x)  # or train with vae.loss(x) and one torch optimizer
+    >>> vae.sample(3).shape, vae.reconstruct(x).shape
+    (torch.Size([3, 64]), torch.Size([10, 64]))
     """
 
     def __init__(
@@ -166,7 +175,11 @@ def _mlp(inputs: int, *widths: int) -> nn.Sequential:
 
 class GatedConv(nn.Module):
     """``conv_h(x) * sigmoid(conv_g(x))`` (Dauphin et al., 2017), as in the Sylvester-flow
-    VAE; ``transpose`` uses transposed convolutions."""
+    VAE; ``transpose`` uses transposed convolutions.
+
+    >>> GatedConv(1, 8, kernel=5, stride=2, padding=2)(torch.zeros(3, 1, 28, 28)).shape
+    torch.Size([3, 8, 14, 14])
+    """
 
     def __init__(self, inputs: int, outputs: int, kernel: int, stride: int = 1,
                  padding: int = 0, output_padding: int = 0, transpose: bool = False,
@@ -184,7 +197,11 @@ class GatedConv(nn.Module):
 
 
 class GatedConvEncoder(nn.Module):
-    """28x28 images ``(..., 784)`` to a 256-wide context (van den Berg et al., 2018)."""
+    """28x28 images ``(..., 784)`` to a 256-wide context (van den Berg et al., 2018).
+
+    >>> GatedConvEncoder()(torch.zeros(2, 5, 784)).shape
+    torch.Size([2, 5, 256])
+    """
 
     context_dim = 256
 
@@ -202,7 +219,11 @@ class GatedConvEncoder(nn.Module):
 
 
 class GatedConvDecoder(nn.Module):
-    """Latent codes ``(..., latent_dim)`` to the logits of 784 pixels."""
+    """Latent codes ``(..., latent_dim)`` to the logits of 784 pixels.
+
+    >>> GatedConvDecoder(latent_dim=64)(torch.zeros(2, 5, 64)).shape
+    torch.Size([2, 5, 784])
+    """
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()

@@ -40,7 +40,11 @@ CHECKPOINT, BEST = _training.CHECKPOINT, _training.BEST
 @dataclass
 class Settings:
     """What a run's result depends on besides the VAE: a checkpoint records them, and
-    ``resume`` refuses a checkpoint written under other settings."""
+    ``resume`` refuses a checkpoint written under other settings.
+
+    >>> Settings(epochs=10, warmup_epochs=2).optimizer
+    'adamax'
+    """
 
     epochs: int = 100
     batch_size: int = 100
@@ -55,7 +59,12 @@ class Settings:
 @dataclass
 class TrainRun:
     """Per-epoch records (train loss per image, validation -ELBO per image, β), the best
-    epoch, and why training ended early (``None`` when it ran every epoch)."""
+    epoch, and why training ended early (``None`` when it ran every epoch).
+
+    >>> run = TrainRun(history=[{"valid_loss": 90.0}, {"valid_loss": 88.5}], best_epoch=2)
+    >>> run.best_valid
+    88.5
+    """
 
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
@@ -80,7 +89,17 @@ def train(
     after every epoch and ``best.pt`` whenever the validation ELBO improves; ``resume=True``
     continues from ``checkpoint.pt``. At the end the VAE holds its best parameters (by
     validation ELBO). A non-finite loss stops training with the epoch and step in
-    ``stopped``, before the step is taken, and writes no checkpoint."""
+    ``stopped``, before the step is taken, and writes no checkpoint.
+
+    >>> import tempfile
+    >>> from pyroflows.vae import load
+    >>> data, out = load("digits"), Path(tempfile.mkdtemp())
+    >>> vae = VAE(data.image_shape, latent_dim=4, flow="planar", num_layers=1, hidden_dim=16)
+    >>> run = train(vae, data, epochs=1, lr=1e-3, out=out, progress=False)
+    >>> run = train(vae, data, epochs=2, lr=1e-3, out=out, resume=True, progress=False)
+    >>> [h["epoch"] for h in run.history], sorted(p.name for p in out.iterdir())
+    ([1, 2], ['best.pt', 'checkpoint.pt'])
+    """
     config = Settings(**settings)
     _check_settings(config)
     rank, world = distributed.rank_and_world()
@@ -179,7 +198,14 @@ def _batch_loss(
 @torch.no_grad()
 def validation_loss(vae: VAE, x: Tensor, batch_size: int = 1000) -> float:
     """-ELBO per image (one draw per image, β = 1, no free bits), shared out over the
-    ranks of a process group as in training."""
+    ranks of a process group as in training.
+
+    >>> from pyroflows.vae import load
+    >>> data = load("digits")
+    >>> vae = VAE(data.image_shape, latent_dim=4, flow="none", hidden_dim=16)
+    >>> 0 < validation_loss(vae, data.valid) < 64 * 2  # about 64 log 2 nats untrained
+    True
+    """
     vae.eval()
     rank, world = distributed.rank_and_world()
     total = torch.zeros((), device=x.device)
@@ -201,7 +227,14 @@ def _data_parallel(vae: VAE) -> nn.Module:
 
 
 def save_checkpoint(path: Path, vae: VAE, config: Settings, optimizer, run: TrainRun) -> None:
-    """Everything ``resume`` needs, written atomically (:func:`pyroflows._training.save_run`)."""
+    """Everything ``resume`` needs, written atomically (:func:`pyroflows._training.save_run`).
+
+    >>> import tempfile
+    >>> vae, path = VAE((8, 8), latent_dim=2, hidden_dim=8), Path(tempfile.mkdtemp()) / "v.pt"
+    >>> save_checkpoint(path, vae, Settings(), torch.optim.Adamax(vae.parameters()), TrainRun())
+    >>> load_checkpoint(path, VAE((8, 8), latent_dim=2, hidden_dim=8)).history
+    []
+    """
     _training.save_run(
         path, "vae", vae, vae.config, asdict(config), optimizer, run.history, run.best_epoch
     )
@@ -210,7 +243,16 @@ def save_checkpoint(path: Path, vae: VAE, config: Settings, optimizer, run: Trai
 def load_checkpoint(path: Path, vae: VAE, config: Settings | None = None, optimizer=None):
     """Restore ``vae`` (and, given them, the optimizer and the random state) from ``path``,
     after checking that it was written for the same VAE and, with ``config``, the same
-    settings but for ``epochs`` and ``patience``."""
+    settings but for ``epochs`` and ``patience``.
+
+    >>> import tempfile
+    >>> vae, path = VAE((8, 8), latent_dim=2, hidden_dim=8), Path(tempfile.mkdtemp()) / "v.pt"
+    >>> save_checkpoint(path, vae, Settings(), torch.optim.Adamax(vae.parameters()), TrainRun())
+    >>> load_checkpoint(path, VAE((8, 8), latent_dim=3, hidden_dim=8))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: '...v.pt' was written for a different VAE (latent_dim: 2 there, 3 here)
+    """
     settings = None if config is None else asdict(config)
     history, best = _training.load_run(
         path, "vae", vae, vae.config, vae.device, settings, optimizer, what="VAE"
