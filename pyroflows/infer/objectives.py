@@ -13,6 +13,7 @@ from pyro.util import warn_if_nan
 from .. import _checks
 from .._random import seeded
 from . import weights as w
+from .kl import kl_terms, kl_with_free_bits
 from .stopped import ModelGradientScale, stopped_guide_log_probs
 
 
@@ -191,19 +192,6 @@ def _bound(values: torch.Tensor, scale: float) -> torch.Tensor:
     return (torch.logsumexp(values, 0) - math.log(values.shape[0])).sum() * scale
 
 
-def kl_with_free_bits(kl: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """The KL summed over data, or with ``free_bits`` λ its data mean floored at λ, times the
-    number of data (Kingma et al., 2016).
-
-    >>> kl = torch.tensor([0.1, 0.3, 2.0, 0.0])  # per datum: mean 0.6
-    >>> kl_with_free_bits(kl, 0.0), kl_with_free_bits(kl, 0.5), kl_with_free_bits(kl, 1.0)
-    (tensor(2.4000), tensor(2.4000), tensor(4.))
-    """
-    if free_bits:
-        return torch.clamp(kl.mean(), min=free_bits) * kl.numel()
-    return kl.sum()
-
-
 class ELBO(_Weighted):
     r"""The evidence lower bound ``E_q[log p(x, z) - log q(z)]`` over vectorized particles.
 
@@ -254,7 +242,7 @@ class ELBO(_Weighted):
     def _objective(self, lw: w.LogWeights) -> torch.Tensor:
         if self.kl_weight == 1.0 and not self.free_bits:
             return lw.values.mean(0).sum() * lw.scale
-        likelihood, kls = w.kl_terms(lw)
+        likelihood, kls = kl_terms(lw)
         total = likelihood.mean(0).sum()
         for kl in kls.values():
             kl = kl.mean(0)  # per datum (or the whole data set's, for global latents)

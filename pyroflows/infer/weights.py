@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import Delta, ExpandedDistribution, Independent, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
@@ -282,65 +281,6 @@ def log_weights(
         _flatten(total, bool(frames)), frames, scale, nesting, model_trace, guide_trace,
         guide_log_probs, _flatten(log_p.expand_as(total), bool(frames)), gradient_scale,
     )  # fmt: skip
-
-
-def _kl_groups(guide_sites: list[dict], model_names: set[str]) -> dict[str, list[dict]]:
-    """Guide latent sites grouped by the part of ``q`` whose KL they make up.
-
-    A site of a mean-field guide is its own group. A joint guide (an ``AutoContinuous`` such
-    as :class:`~pyroflows.AutoFlow`) samples one auxiliary latent and places each model site
-    as a ``Delta`` of it: its density does not split over sites, so the auxiliary site and
-    every site it determines form one group, named after the auxiliary site.
-    """
-    auxiliary = [s for s in guide_sites if s["infer"].get("is_auxiliary")]
-    joint = "+".join(s["name"] for s in auxiliary)
-    groups: dict[str, list[dict]] = {}
-    for site in guide_sites:
-        if site in auxiliary or (auxiliary and _is_delta(site["fn"])):
-            groups.setdefault(joint, []).append(site)
-        elif site["name"] in model_names:
-            groups[site["name"]] = [site]
-        else:
-            raise ValueError(
-                f"guide site {site['name']!r} has no model counterpart; KL terms (warm-up, "
-                "free bits) need each guide latent site paired with a model site of the same "
-                "name, or marked infer={'is_auxiliary': True} as in an AutoContinuous guide"
-            )
-    return groups
-
-
-def _is_delta(fn: Any) -> bool:
-    while isinstance(fn, Independent | MaskedDistribution | ExpandedDistribution):
-        fn = fn.base_dist
-    return isinstance(fn, Delta)
-
-
-def kl_terms(lw: LogWeights) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(log p(x | z), {group: log q(z) - log p(z)})`` per particle (and datum), reduced
-    like ``lw``: the likelihood and a one-sample KL estimate for each group of latent sites
-    (each site, or a joint guide's sites together: see :func:`_kl_groups`).
-
-    >>> def model():
-    ...     z = pyro.sample("z", pyro.distributions.Normal(0.0, 1.0))
-    ...     pyro.sample("x", pyro.distributions.Normal(z, 1.0), obs=torch.tensor(1.0))
-    >>> def guide():
-    ...     pyro.sample("z", pyro.distributions.Normal(0.0, 1.0))  # q = the prior: no KL
-    >>> likelihood, kls = kl_terms(log_weights(*traces(model, guide, (), {}, 3, 1), 1))
-    >>> likelihood.shape, kls
-    (torch.Size([3]), {'z': tensor([0., 0., 0.])})
-    """
-    model_sites = {s["name"]: s for s in lw.model_trace.nodes.values() if s["type"] == "sample"}
-    nesting = lw.nesting
-    observed = [s for s in model_sites.values() if s["is_observed"]]
-    likelihood = _flatten(_site_sum(observed, lw.frames, nesting), lw.per_datum)
-    latent = {n for n, s in model_sites.items() if not s["is_observed"]}
-    kls = {}
-    for group, sites in _kl_groups(_latent_sites(lw.guide_trace), latent).items():
-        q = _site_sum(sites, lw.frames, nesting, lw.guide_log_probs)
-        paired = [model_sites[s["name"]] for s in sites if s["name"] in latent]
-        p = _site_sum(paired, lw.frames, nesting)
-        kls[group] = _flatten(q - p, lw.per_datum)
-    return likelihood, kls
 
 
 @repeated_draws()

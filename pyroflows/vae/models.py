@@ -26,7 +26,7 @@ from .. import _checks
 from ..amortized import AmortizedFlowGuide
 from ..autoguide import HALF_LOG_2PI
 from ..flows import RECIPES
-from ..infer.objectives import kl_with_free_bits
+from ..infer.kl import kl_with_free_bits
 
 POSTERIORS = ("none", *RECIPES)
 ARCHITECTURES = ("mlp", "conv")
