@@ -28,6 +28,7 @@ two gloo processes). Without an initialised process group it runs in this proces
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,10 +39,11 @@ from torch import Tensor
 
 from . import _checks
 from ._random import seeded
-from .infer.evaluation import LogMarginal
+from .infer.evaluation import LogMarginal, warn_if_few
 from .infer.evaluation import log_marginal_likelihood as _log_marginal_likelihood
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+ESS_WARNING = "log_marginal_likelihood: importance ESS below"
 
 
 @contextmanager
@@ -150,7 +152,8 @@ def log_marginal_likelihood(
         starts = tqdm(starts, desc="log p(x)", unit="batch", disable=rank != 0)
     mine = {}
     for start in starts:
-        with seeded(seed + start // batch_size, x.device):
+        with seeded(seed + start // batch_size, x.device), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ESS_WARNING)  # one for every batch, below
             r = _log_marginal_likelihood(
                 model, guide, x[start : start + batch_size], num_samples=num_samples,
                 chunk_size=chunk_size, max_plate_nesting=max_plate_nesting,
@@ -158,7 +161,9 @@ def log_marginal_likelihood(
         mine[start] = [t.cpu() for t in r]
     parts = _gathered(mine, world)
     fields = zip(*(parts[start] for start in sorted(parts)), strict=True)
-    return LogMarginal(*(torch.cat(f).to(x.device) for f in fields))
+    result = LogMarginal(*(torch.cat(f).to(x.device) for f in fields))
+    warn_if_few(result.ess, num_samples, stacklevel=4)
+    return result
 
 
 def all_reduce_sum(tensors: list[Tensor]) -> None:

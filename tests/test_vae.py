@@ -118,6 +118,18 @@ def test_every_posterior_trains_a_step_and_evaluates(flow, digits, tmp_path):
     assert r["nll"] > 0
 
 
+def test_batched_log_p_x_warns_once_for_all_its_batches(digits):
+    torch.manual_seed(0)
+    vae = VAE(digits.image_shape, latent_dim=8, flow="none", hidden_dim=16)  # untrained
+    x = digits.test[:30]
+    with pytest.warns(RuntimeWarning, match="importance ESS below 10") as caught:
+        pf.distributed.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=5,
+                                               batch_size=10)  # fmt: skip
+    (warning,) = [w for w in caught if "importance ESS" in str(w.message)]  # not one a batch
+    assert warning.filename == __file__  # it points at the caller
+    assert " of 30 estimate(s)" in str(warning.message)
+
+
 def test_a_cnf_trained_on_hutchinson_traces_is_evaluated_with_the_exact_trace(digits):
     """The bounds of a VAE whose CNF trains on Hutchinson's estimate are those of the same
     VAE with the exact trace (an estimated log-determinant would move them), and the layer

@@ -106,6 +106,21 @@ def log_marginal_likelihood(
         stderr = ((num_samples / ess - 1).clamp_min(0) / num_samples).sqrt()
     else:  # one sample says nothing about its own error
         stderr = torch.full_like(ess, math.nan)
+    warn_if_few(ess, num_samples, stacklevel=4)  # the caller, past torch.no_grad's wrapper
+    return LogMarginal(log_sum - math.log(num_samples), stderr, ess, total / num_samples)
+
+
+def warn_if_few(ess: Tensor, num_samples: int, stacklevel: int = 2) -> None:
+    """A :class:`RuntimeWarning` where any importance ESS is below ``MIN_ESS``: one for all
+    the estimates, saying how many and the smallest.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_if_few(torch.tensor([250.0, 3.2, 7.0]), num_samples=1000)
+    >>> str(caught[0].message)[:72]
+    'log_marginal_likelihood: importance ESS below 10 for 2 of 3 estimate(s) '
+    """
     few = int((ess < MIN_ESS).sum())
     if few:
         warnings.warn(
@@ -114,9 +129,8 @@ def log_marginal_likelihood(
             "samples): the estimate and its standard error are unreliable; use more samples "
             "or a guide closer to the posterior",
             RuntimeWarning,
-            stacklevel=3,  # the caller, past torch.no_grad's wrapper
+            stacklevel=stacklevel,
         )
-    return LogMarginal(log_sum - math.log(num_samples), stderr, ess, total / num_samples)
 
 
 def _direct_weights(model, guide, args, kwargs) -> Callable[[int], Tensor] | None:
