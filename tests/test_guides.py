@@ -173,8 +173,9 @@ def test_log_marginal_likelihood_flags_one_sample_and_tiny_ess():
     with pytest.warns(RuntimeWarning, match="importance ESS below 10"):
         one = log_marginal_likelihood(model, guide, num_samples=1)
     assert math.isnan(one.stderr.item())
-    with pytest.warns(RuntimeWarning, match="importance ESS below 10 for 1 of 1"):
+    with pytest.warns(RuntimeWarning, match="importance ESS below 10 for 1 of 1") as caught:
         log_marginal_likelihood(model, guide, num_samples=200)
+    assert caught[0].filename == __file__  # the warning points at the caller
 
 
 def test_autoflow_names_diverged_parameters():

@@ -106,7 +106,7 @@ def log_marginal_likelihood(
         stderr = ((num_samples / ess - 1).clamp_min(0) / num_samples).sqrt()
     else:  # one sample says nothing about its own error
         stderr = torch.full_like(ess, math.nan)
-    warn_if_few(ess, num_samples, stacklevel=4)  # the caller, past torch.no_grad's wrapper
+    warn_if_few(ess, num_samples, stacklevel=5)  # the caller, past the two decorators
     return LogMarginal(log_sum - math.log(num_samples), stderr, ess, total / num_samples)
 
 
