@@ -87,20 +87,23 @@ def contenders(args, x, vae: VAE, case: str, k: int) -> dict[str, tuple[int, Cal
         batches = x[: args.single_images].split(1)
     n = sum(len(b) for b in batches)
 
+    def traced(b: torch.Tensor) -> torch.Tensor:  # not vae.model: any Pyro model's path
+        return vae.model(b)
+
     def ours(chunk_size: int, model: Callable = vae.model) -> Callable:
         return lambda: [log_marginal_likelihood(model, guide, b, num_samples=k,
                         chunk_size=chunk_size, max_plate_nesting=1) for b in batches]  # fmt: skip
 
     out = {
         "pyroflows": (n, ours(chunk)),
-        "pyroflows-traced": (n, ours(chunk, lambda b: vae.model(b))),
+        "pyroflows-traced": (n, ours(chunk, traced)),
         "torch-loop": (n, lambda: [torch_loop(vae, b, k, chunk) for b in batches]),
     }
     if case == "single":  # Pyro's fastest path, and ours at its memory (one chunk of K)
         renyi = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
         out["pyro-renyi"] = (n, lambda: [renyi.loss(vae.model, guide, b) for b in batches])
         out["pyroflows-1chunk"] = (n, ours(k))
-        out["pyroflows-traced-1chunk"] = (n, ours(k, lambda b: vae.model(b)))
+        out["pyroflows-traced-1chunk"] = (n, ours(k, traced))
     return out
 
 
