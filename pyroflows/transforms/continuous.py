@@ -14,7 +14,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from .. import _checks
 from ._checkpoint import odeint_checkpointed
 from .base import Flow
-from .dynamics import Dynamics
+from .dynamics import AugmentedDynamics, Dynamics
 
 TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -36,73 +36,6 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "checkpoint": lambda _, value: bool(value),
     "regularize": lambda _, value: bool(value),
 }
-
-
-class _Solve:
-    """The augmented right-hand side of one solve: its context term, probe and counters."""
-
-    def __init__(
-        self,
-        dynamics: Dynamics,
-        context: Tensor | None,
-        precompute: bool,
-        trace: str,
-        probe: Tensor | None,
-        regularize: bool,
-        scale: float,
-    ) -> None:
-        self.dynamics, self.context = dynamics, context
-        # the context's term once per solve; the adjoint and the backward steps need it inside
-        # the function, since their gradients are taken of the function alone
-        self.context_term = dynamics.context_term(context) if precompute else None
-        self.trace, self.probe = trace, probe
-        self.regularize, self.scale = regularize, scale
-        self.calls = 0
-        self.calls_in_solve = 0
-
-    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        self.calls += 1
-        create_graph = torch.is_grad_enabled()  # off in an adjoint's forward solve and at eval
-        z = state[0]
-        with torch.enable_grad():
-            if not z.requires_grad:
-                z = z.detach().requires_grad_(True)
-            term = self.context_term
-            if term is None and self.context is not None:
-                term = self.dynamics.context_term(self.context)
-            dz = self.dynamics.velocity(s, z, term)
-            if self.trace == "exact":  # all D rows of ∂f/∂z in one batched (vmapped) VJP
-                dim = z.shape[-1]
-                basis = torch.eye(dim, dtype=z.dtype, device=z.device)
-                basis = basis.reshape(dim, *[1] * (z.dim() - 1), dim).expand(dim, *z.shape)
-                rows = self._grad(dz, z, create_graph, basis, batched=True)
-                trace = torch.einsum("i...i->...", rows)
-                frobenius = rows.square().sum((0, -1)) if self.regularize else None
-            else:
-                vjp = self._grad(dz, z, create_graph, self.probe)
-                trace = (vjp * self.probe).sum(-1)
-                frobenius = vjp.square().sum(-1) if self.regularize else None
-        out = (dz, trace)
-        if self.regularize:
-            out += (dz.square().sum(-1), frobenius)
-        if self.scale != 1.0:
-            out = (dz, *(self.scale * a for a in out[1:]))
-        return out
-
-    @staticmethod
-    def _grad(
-        out: Tensor, z: Tensor, create_graph: bool, weight: Tensor, batched: bool = False
-    ) -> Tensor:
-        (g,) = torch.autograd.grad(
-            out,
-            z,
-            weight,
-            create_graph=create_graph,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
-        return torch.zeros_like(weight) if g is None else g
 
 
 def _max_norm(errors: tuple[Tensor, ...]) -> Tensor:
@@ -200,7 +133,7 @@ class Continuous(Flow):
         self.adjoint, self.checkpoint, self.regularize = adjoint, checkpoint, regularize
         self._gradient_mode()
         self.regularization: dict[str, Tensor] = {}
-        self._solve: _Solve | None = None
+        self._solve: AugmentedDynamics | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = SETTINGS.get(name)
@@ -248,7 +181,7 @@ class Continuous(Flow):
             probe = torch.randn_like(z)
             if self.probe == "rademacher":
                 probe = probe.sign()
-        solve = _Solve(
+        solve = AugmentedDynamics(
             self.dynamics,
             context,
             mode == "direct",

@@ -1,4 +1,5 @@
-"""The right-hand side of a continuous flow: an MLP in the state, time features and context."""
+"""The right-hand side of a continuous flow: an MLP in the state, time features and context
+(:class:`Dynamics`), and what the solver integrates with it (:class:`AugmentedDynamics`)."""
 
 from __future__ import annotations
 
@@ -129,3 +130,80 @@ def _low_rank(h: Tensor, u: Tensor, v: Tensor, b: Tensor) -> Tensor:
     flat = h.movedim(lead, rows).reshape(*batch, -1, h.shape[-1])  # (*batch, rows, in)
     out = torch.matmul(torch.matmul(flat, u), v)
     return out.reshape(*batch, *h.shape[:extra], -1).movedim(rows, lead) + b
+
+
+class AugmentedDynamics:
+    """The right-hand side the solver integrates in one solve: the velocity, its Jacobian's
+    trace (exact, from all rows at once, or Hutchinson's ``vᵀ (∂f/∂z) v`` with the solve's
+    fixed probe), and with ``regularize`` the kinetic energy and the squared Frobenius norm;
+    the context's term once per solve where ``precompute``, and a count of the calls.
+
+    >>> f = Dynamics(2, 0, (8,), "tanh", freqs=1, time=1.0, learn_time=False, rank=0)
+    >>> rhs = AugmentedDynamics(f, None, True, "exact", None, regularize=False, scale=1.0)
+    >>> velocity, trace = rhs(torch.tensor(0.0), (torch.randn(5, 2), torch.zeros(5)))
+    >>> velocity.shape, trace.shape, rhs.calls
+    (torch.Size([5, 2]), torch.Size([5]), 1)
+    """
+
+    def __init__(
+        self,
+        dynamics: Dynamics,
+        context: Tensor | None,
+        precompute: bool,
+        trace: str,
+        probe: Tensor | None,
+        regularize: bool,
+        scale: float,
+    ) -> None:
+        self.dynamics, self.context = dynamics, context
+        # the context's term once per solve; the adjoint and the backward steps need it inside
+        # the function, since their gradients are taken of the function alone
+        self.context_term = dynamics.context_term(context) if precompute else None
+        self.trace, self.probe = trace, probe
+        self.regularize, self.scale = regularize, scale
+        self.calls = 0
+        self.calls_in_solve = 0
+
+    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self.calls += 1
+        create_graph = torch.is_grad_enabled()  # off in an adjoint's forward solve and at eval
+        z = state[0]
+        with torch.enable_grad():
+            if not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            term = self.context_term
+            if term is None and self.context is not None:
+                term = self.dynamics.context_term(self.context)
+            dz = self.dynamics.velocity(s, z, term)
+            if self.trace == "exact":  # all D rows of ∂f/∂z in one batched (vmapped) VJP
+                dim = z.shape[-1]
+                basis = torch.eye(dim, dtype=z.dtype, device=z.device)
+                basis = basis.reshape(dim, *[1] * (z.dim() - 1), dim).expand(dim, *z.shape)
+                rows = self._grad(dz, z, create_graph, basis, batched=True)
+                trace = torch.einsum("i...i->...", rows)
+                frobenius = rows.square().sum((0, -1)) if self.regularize else None
+            else:
+                vjp = self._grad(dz, z, create_graph, self.probe)
+                trace = (vjp * self.probe).sum(-1)
+                frobenius = vjp.square().sum(-1) if self.regularize else None
+        out = (dz, trace)
+        if self.regularize:
+            out += (dz.square().sum(-1), frobenius)
+        if self.scale != 1.0:
+            out = (dz, *(self.scale * a for a in out[1:]))
+        return out
+
+    @staticmethod
+    def _grad(
+        out: Tensor, z: Tensor, create_graph: bool, weight: Tensor, batched: bool = False
+    ) -> Tensor:
+        (g,) = torch.autograd.grad(
+            out,
+            z,
+            weight,
+            create_graph=create_graph,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return torch.zeros_like(weight) if g is None else g
