@@ -157,7 +157,8 @@ def _table(result: dict, path: Path) -> list[str]:
     epochs = sorted({r["settings"]["epochs"] for r in rows})
     lines = [
         "",
-        f"## {' and '.join(map(str, epochs))} epochs, {where}",
+        f"## {' and '.join(map(str, epochs))} epochs, {where}: the first "
+        f"{settings['eval_images']} test images, K = {settings['eval_samples']}",
         "",
         f"Measured by {'; '.join(commands)} (figures in `benchmarks/results/{path.name}`): "
         f"{settings['latent_dim']} latents, Adamax at {settings['lr']}, KL warm-up over "
