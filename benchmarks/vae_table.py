@@ -34,6 +34,7 @@ from pyroflows.vae import VAE, evaluate, train
 from pyroflows.vae.train import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
+MNIST_TEST_IMAGES = 10_000  # statically binarized MNIST's test set
 PUBLISHED_NEG_ELBO = {  # test -ELBO on static binarized MNIST
     "none": 86.55, "planar": 86.06, "iaf": 84.20, "sylvester-o": 83.32, "cnf": 82.82,
 }  # fmt: skip
@@ -119,7 +120,9 @@ def _merged(rows: list[dict], name: str, device: torch.device) -> list[dict]:
 def _markdown() -> None:
     """docs/vae-results.md: a table per results file (``vae_table*.json``), with its settings
     and the commands that give it."""
-    paths = sorted(common.RESULTS.glob("vae_table*.json"), key=lambda p: (p.stem != "vae_table", p))
+    paths = common.RESULTS.glob("vae_table*.json")
+    results = [(path, json.loads(path.read_text())) for path in paths]
+    results.sort(key=lambda pair: [pair[1]["settings"][k] for k in ("epochs", "eval_images")])
     lines = [
         "# VAE results on statically binarized MNIST",
         "",
@@ -135,8 +138,8 @@ def _markdown() -> None:
         "epochs with gated-convolution networks and 16-layer flows: a short run is compared "
         "with it on ordering, not on value.",
     ]
-    for path in paths:
-        lines += _table(json.loads(path.read_text()), path)
+    for path, result in results:
+        lines += _table(result, path)
     (ROOT / "docs" / "vae-results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -155,10 +158,12 @@ def _table(result: dict, path: Path) -> list[str]:
     commands = [f"`{c}`" + (f" (with `--flows {' '.join(names)} --merge`)" if len(runs) > 1
                 else "") for c, names in runs.items()]  # fmt: skip
     epochs = sorted({r["settings"]["epochs"] for r in rows})
+    n = settings["eval_images"]
+    images = f"all {n}" if n == MNIST_TEST_IMAGES else f"the first {n}"
     lines = [
         "",
-        f"## {' and '.join(map(str, epochs))} epochs, {where}: the first "
-        f"{settings['eval_images']} test images, K = {settings['eval_samples']}",
+        f"## {' and '.join(map(str, epochs))} epochs, {where}: {images} test images, "
+        f"K = {settings['eval_samples']}",
         "",
         f"Measured by {'; '.join(commands)} (figures in `benchmarks/results/{path.name}`): "
         f"{settings['latent_dim']} latents, Adamax at {settings['lr']}, KL warm-up over "
