@@ -176,7 +176,9 @@ def _table(result: dict, path: Path) -> list[str]:
     for r in rows:
         published = "-" if r["published_neg_elbo"] is None else f"{r['published_neg_elbo']:.2f}"
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
-        lines.append(f"| {r['posterior']} | {options} | {r['epochs']} | {r['train_seconds']:.0f} | "
+        # a resumed row's time is its own call's, not its training's
+        seconds = "resumed" if r.get("resumed") else f"{r['train_seconds']:.0f}"
+        lines.append(f"| {r['posterior']} | {options} | {r['epochs']} | {seconds} | "
                      f"{r['images']} | {r['neg_elbo']:.2f} | {r['nll']:.2f} ± "
                      f"{r['nll_stderr']:.2f} ({r['num_samples']}) | {published} |")  # fmt: skip
     return lines
