@@ -16,7 +16,10 @@ is what a short run can be compared on. Needs ../shared/data/binarized_mnist.npz
 device), each row with its own epochs and evaluation settings. With ``--out DIR`` each
 posterior trains with checkpoints in ``DIR/NAME`` and a later call resumes from them (a
 finished training just loads its best epoch), so a run stopped during a long evaluation
-need not train again; such a row says ``resumed`` and its time is that call's.
+need not train again; such a row says ``resumed`` and its time is that call's. Under
+``torchrun`` (gloo on the CPU, NCCL on GPUs) each posterior trains data-parallel and is
+evaluated with the test images shared out over the processes, to the same figures; rank 0
+writes them, and each row names its number of ``processes``.
 """
 
 from __future__ import annotations
@@ -68,13 +71,22 @@ def main() -> None:
     device = common.cuda_device(args.device)
     if not Path(args.data).exists():
         raise SystemExit(f"needs statically binarized MNIST: {args.data} is absent (--data)")
+    with pf.distributed.from_environment(device) as device:
+        _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> None:
+    """Train and evaluate each posterior; under ``torchrun`` every process trains its share
+    of each batch and evaluates its share of the images, and rank 0 prints and writes."""
+    rank, processes = pf.distributed.rank_and_world()
     data = pf.vae.load(args.data).to(device)
     settings = {k: getattr(args, k) for k in ("epochs", "layers", "latent_dim", "lr",
                 "warmup_epochs", "eval_samples", "eval_images")}  # fmt: skip
     settings |= {"batch_size": 100, "optimizer": "adamax", "architecture": "mlp 300-300"}
     rows = []
     header = f"{'posterior':14}{'epochs':>7}{'train s':>9}{'-ELBO':>9}{'NLL':>9}{'published':>11}"
-    print(header)
+    if rank == 0:
+        print(header)
     for flow in args.flows:
         torch.manual_seed(0)
         layers = 1 if flow == "cnf" else args.layers
@@ -94,7 +106,10 @@ def main() -> None:
                      "epochs": len(run.history),
                      "best_epoch": run.best_epoch, "train_seconds": seconds, **test,
                      "published_neg_elbo": published, "stopped": run.stopped,
-                     "resumed": resumed, "settings": settings})  # fmt: skip
+                     "resumed": resumed, "processes": processes,
+                     "settings": settings})  # fmt: skip
+        if rank != 0:
+            continue
         shown = "-" if published is None else f"{published:.2f}"
         print(f"{flow:14}{len(run.history):7d}{seconds:9.0f}{test['neg_elbo']:9.2f}"
               f"{test['nll']:9.2f}{shown:>11}")  # fmt: skip
@@ -178,6 +193,8 @@ def _table(result: dict, path: Path) -> list[str]:
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         # a resumed row's time is its own call's, not its training's
         seconds = "resumed" if r.get("resumed") else f"{r['train_seconds']:.0f}"
+        if r.get("processes", 1) > 1:
+            seconds += f" ({r['processes']} processes)"
         lines.append(f"| {r['posterior']} | {options} | {r['epochs']} | {seconds} | "
                      f"{r['images']} | {r['neg_elbo']:.2f} | {r['nll']:.2f} ± "
                      f"{r['nll_stderr']:.2f} ({r['num_samples']}) | {published} |")  # fmt: skip
