@@ -17,9 +17,10 @@ device), each row with its own epochs and evaluation settings. With ``--out DIR`
 posterior trains with checkpoints in ``DIR/NAME`` and a later call resumes from them (a
 finished training just loads its best epoch), so a run stopped during a long evaluation
 need not train again; such a row says ``resumed`` and its time is that call's. Under
-``torchrun`` (gloo on the CPU, NCCL on GPUs) each posterior trains data-parallel and is
-evaluated with the test images shared out over the processes, to the same figures; rank 0
-writes them, and each row names its number of ``processes``.
+``torchrun`` (gloo on the CPU, NCCL on GPUs) each posterior trains data-parallel (the
+one-process gradients, to rounding) and is evaluated with the test images shared out over
+the processes (the one-process figures); rank 0 writes them, and each row names its number
+of ``processes``.
 """
 
 from __future__ import annotations
