@@ -77,8 +77,8 @@ def main() -> None:
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> None:
-    """Train and evaluate each posterior; under ``torchrun`` every process trains its share
-    of each batch and evaluates its share of the images, and rank 0 prints and writes."""
+    """Train and evaluate each posterior (every process, under ``torchrun``); rank 0 prints
+    and writes."""
     rank, processes = pf.distributed.rank_and_world()
     data = pf.vae.load(args.data).to(device)
     settings = {k: getattr(args, k) for k in ("epochs", "layers", "latent_dim", "lr",
