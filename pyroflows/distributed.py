@@ -132,7 +132,7 @@ def log_marginal_likelihood(
     ``batch_size`` rows at a time and sharded over the ranks of the process group (see the
     module docstring). ``max_plate_nesting`` defaults to 1, the data plate; ``progress``
     shows a bar over this rank's batches. Every rank returns the whole result on ``x``'s
-    device.
+    device; rank 0 alone warns where the importance ESS is low.
 
     >>> from pyroflows.vae import VAE
     >>> vae = VAE((2, 2), latent_dim=2, flow="none", hidden_dim=8)
@@ -162,7 +162,8 @@ def log_marginal_likelihood(
     parts = _gathered(mine, world)
     fields = zip(*(parts[start] for start in sorted(parts)), strict=True)
     result = LogMarginal(*(torch.cat(f).to(x.device) for f in fields))
-    warn_if_few(result.ess, num_samples, stacklevel=4)
+    if rank == 0:  # one warning for the whole result, like the one progress bar
+        warn_if_few(result.ess, num_samples, stacklevel=4)
     return result
 
 

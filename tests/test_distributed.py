@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,11 @@ def _worker(rank: int, world: int, folder: str) -> None:
     try:
         vae, x = _case()
         r = pf.distributed.log_marginal_likelihood(vae.model, vae.guide, x, **SETTINGS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pf.infer.evaluation.MIN_ESS = 1e9  # every estimate is short of it
+            pf.distributed.log_marginal_likelihood(vae.model, vae.guide, x, **SETTINGS)
+        ess_warnings = sum("importance ESS" in str(w.message) for w in caught)
         figures = evaluate(vae, x, **SETTINGS)
         fit = _fit()
         if rank:  # rank 0 alone writes checkpoints
@@ -122,7 +128,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
                      "guide": model_fit.guide.state_dict()}  # fmt: skip
         torch.save({"fields": list(r), "nll": figures["nll"], "losses": fit.losses,
                     "flow": fit.q.transforms[0].state_dict(), "whole": whole,
-                    "resumed": resumed, "errors": errors, "model_fit": model_fit},
+                    "resumed": resumed, "errors": errors, "model_fit": model_fit,
+                    "ess_warnings": ess_warnings},
                    f"{folder}/rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
@@ -179,6 +186,7 @@ def test_two_processes_give_the_one_process_results(two_processes):
         assert got["losses"] == pytest.approx(fit.losses, rel=1e-4, abs=1e-5)
         for name, value in fit.q.transforms[0].state_dict().items():
             torch.testing.assert_close(got["flow"][name], value, rtol=1e-4, atol=1e-5)
+        assert got["ess_warnings"] == (1 if rank == 0 else 0)  # one warning, from rank 0
 
 
 def test_estimates_depend_on_the_seed_and_not_on_the_global_generator():
