@@ -62,7 +62,10 @@ def kl_terms(lw: LogWeights) -> tuple[Tensor, dict[str, Tensor]]:
     model_sites = {s["name"]: s for s in lw.model_trace.nodes.values() if s["type"] == "sample"}
     nesting = lw.nesting
     observed = [s for s in model_sites.values() if s["is_observed"]]
-    likelihood = _flatten(_site_sum(observed, lw.frames, nesting), lw.per_datum)
+    if observed:
+        likelihood = _flatten(_site_sum(observed, lw.frames, nesting), lw.per_datum)
+    else:  # a model without data: log p(x | z) = 0
+        likelihood = torch.zeros_like(lw.values)
     latent = {n for n, s in model_sites.items() if not s["is_observed"]}
     kls = {}
     for group, sites in _kl_groups(_latent_sites(lw.guide_trace), latent).items():
