@@ -13,7 +13,10 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
-def fresh_param_store():
-    """Pyro's parameter store is global: start every test with an empty one."""
+def fresh_global_state():
+    """Pyro's parameter store and the random generators are global: start every test with
+    an empty store and seed 0, so that its draws do not depend on which tests ran before it
+    in the same process (pytest-xdist schedules them differently from run to run)."""
     pyro.clear_param_store()
+    pyro.set_rng_seed(0)
     yield
