@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import diagnostics, distributed
+from . import _training, diagnostics, distributed
 from ._random import seeded
 from .autoguide import AutoFlow
 from .infer import ELBO, IWAE
@@ -119,7 +119,9 @@ def optimize(
             if sharded:
                 grads = [p.grad for p in module.parameters() if p.grad is not None]
                 distributed.all_reduce_sum(grads)
-            problem = _nonfinite_gradient(step, module)
+            name = _training.nonfinite_gradient(module)
+            if name is not None:
+                problem = f"the gradient of {name} is not finite at step {step}; lower lr"
         if problem is not None:
             warnings.warn(f"fit stopped: {problem}", RuntimeWarning, stacklevel=4)
             return losses, problem
@@ -131,8 +133,3 @@ def optimize(
     return losses, None
 
 
-def _nonfinite_gradient(step: int, module: torch.nn.Module) -> str | None:
-    for name, p in module.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return f"the gradient of {name} is not finite at step {step}; lower lr"
-    return None

@@ -1,6 +1,7 @@
-"""What every epoch-based training loop shares: checkpoints written atomically and read with
+"""What every training loop shares: checkpoints written atomically and read with
 ``weights_only=True`` (refusing another configuration by name), the random state that makes
-``resume`` bit for bit, early stopping and the progress bar."""
+``resume`` bit for bit, early stopping, the progress bar and the check for non-finite
+gradients."""
 
 from __future__ import annotations
 
@@ -24,6 +25,32 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# what a training loop's message adds to "non-finite gradient of NAME at ..."
+GRADIENT_ADVICE = (
+    "; lower lr, or for a continuous flow set adjoint=True (back-propagation through many "
+    "solver steps of stiff dynamics can overflow where the adjoint does not)"
+)
+
+
+def nonfinite_gradient(module: nn.Module) -> str | None:
+    """The name of the first parameter of ``module`` whose gradient has a NaN or infinite
+    entry (None where all are finite): a finite loss can still give one, and the optimizer's
+    step would spread it to every parameter. One synchronization for all the gradients.
+
+    >>> layer = nn.Linear(2, 1)
+    >>> layer(torch.ones(1, 2)).sum().backward()
+    >>> nonfinite_gradient(layer) is None
+    True
+    >>> layer.bias.grad[0] = float("inf")
+    >>> nonfinite_gradient(layer)
+    'bias'
+    """
+    named = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
+    if not named or bool(torch.stack([g.isfinite().all() for _, g in named]).all()):
+        return None
+    return next(n for n, g in named if not bool(g.isfinite().all()))
 
 
 def save_run(

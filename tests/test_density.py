@@ -191,6 +191,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
+def test_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
+    x = torch.randn(200, 2)
+    fit_data(x, "maf", num_layers=1, out=tmp_path, progress=False, epochs=1)
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    original = DensityModel.log_prob
+
+    def poisoned(self, *args, **kwargs):  # the same value, with a NaN gradient
+        out = original(self, *args, **kwargs)
+        if not self.training:
+            return out
+        p = next(self.parameters())
+        return out + 0.0 * (p - p.detach()).abs().sqrt().sum()
+
+    monkeypatch.setattr(DensityModel, "log_prob", poisoned)
+    result = fit_data(x, "maf", num_layers=1, out=tmp_path, resume=True, progress=False,
+                      epochs=3)  # fmt: skip
+    name = next(n for n, _ in result.model.named_parameters())
+    assert result.stopped.startswith(f"non-finite gradient of {name} at epoch 2, step 1")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
 def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
     x = torch.randn(100, 2)
     fit_data(x, "maf", num_layers=1, out=tmp_path, progress=False, epochs=1)

@@ -262,6 +262,30 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_
     assert all(torch.isfinite(p).all() for p in vae.parameters())
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_stops_before_the_step(digits, tmp_path):
+    data = _tiny(digits)
+    vae = VAE(data.image_shape, flow="planar", num_layers=2, **SMALL)
+    train(vae, data, epochs=1, batch_size=40, out=tmp_path, progress=False)
+    good = (tmp_path / CHECKPOINT).read_bytes()
+    weight = vae.guide.encoder[0].weight
+    before = weight.detach().clone()
+    calls = 0
+
+    def poisoned(grad):  # the third backward pass gives one infinite entry
+        nonlocal calls
+        calls += 1
+        return grad.index_fill(0, torch.tensor([0]), math.inf) if calls == 3 else grad
+
+    weight.register_hook(poisoned)
+    run = train(vae, data, epochs=3, batch_size=40, out=tmp_path, resume=True, progress=False)
+    assert run.stopped.startswith(
+        "non-finite gradient of guide.encoder.0.weight at epoch 2, step 3; lower lr"
+    )
+    assert (tmp_path / CHECKPOINT).read_bytes() == good
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    assert torch.equal(weight, before)  # the best, and only, epoch's parameters
+
+
 def test_a_checkpoint_from_another_configuration_is_refused(digits, tmp_path):
     data = _tiny(digits)
     train(VAE(data.image_shape, flow="iaf", num_layers=2, **SMALL), data, epochs=1,

@@ -110,8 +110,8 @@ def fit_data(
     (``None``: never), from ``seed``; ``flow_options`` go to the recipe. Standardization uses
     the training tensor, or a loader's first batch. With ``out`` the checkpoints
     ``checkpoint.pt`` (every epoch) and ``best.pt`` are written there; ``resume=True``
-    continues from ``checkpoint.pt``. A non-finite loss stops training before its update,
-    with the epoch and step in ``stopped``, and writes no checkpoint.
+    continues from ``checkpoint.pt``. A non-finite loss or gradient stops training before
+    its update, with the epoch and step in ``stopped``, and writes no checkpoint.
 
     >>> _ = torch.manual_seed(0)
     >>> x = torch.randn(500, 2) @ torch.tensor([[1.0, 0.9], [0.0, 0.4]])  # correlated
@@ -236,6 +236,11 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            name = _training.nonfinite_gradient(model)
+            if name is not None:
+                result.stopped = (f"non-finite gradient of {name} at epoch {epoch + 1}, step "
+                                  f"{step + 1}{_training.GRADIENT_ADVICE}")  # fmt: skip
+                break
             optimizer.step()
             total, rows = total + loss.item() * len(x), rows + len(x)
             if bar is not None and step % 10 == 0:

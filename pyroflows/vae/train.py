@@ -88,7 +88,7 @@ def train(
     (``epochs``, ``batch_size``, ``lr``, ...). With ``out``, ``checkpoint.pt`` is written there
     after every epoch and ``best.pt`` whenever the validation ELBO improves; ``resume=True``
     continues from ``checkpoint.pt``. At the end the VAE holds its best parameters (by
-    validation ELBO). A non-finite loss stops training with the epoch and step in
+    validation ELBO). A non-finite loss or gradient stops training with the epoch and step in
     ``stopped``, before the step is taken, and writes no checkpoint.
 
     >>> import tempfile
@@ -149,6 +149,11 @@ def train(
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            name = _training.nonfinite_gradient(vae)
+            if name is not None:
+                run.stopped = f"non-finite gradient of {name} at epoch {epoch + 1}, step " \
+                    f"{step + 1}{_training.GRADIENT_ADVICE}"  # fmt: skip
+                break
             optimizer.step()
             total += value * len(batch)
             if bar is not None and step % 10 == 0:
