@@ -29,8 +29,9 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
 
 # what a training loop's message adds to "non-finite gradient of NAME at ..."
 GRADIENT_ADVICE = (
-    "; lower lr, or for a continuous flow set adjoint=True (back-propagation through many "
-    "solver steps of stiff dynamics can overflow where the adjoint does not)"
+    "; lower lr, or, for a continuous flow whose dynamics turned stiff (back-propagation "
+    "through hundreds of solver steps overflows), weigh its RNODE terms into the loss (the "
+    "VAE's regularization) or set adjoint=True"
 )
 
 
@@ -70,12 +71,13 @@ def save_run(
 def load_run(
     path: Path, name: str, module: nn.Module, config: dict, device: torch.device,
     settings: dict | None = None, optimizer=None, *, what: str | None = None,
+    defaults: dict | None = None,
 ) -> tuple[list[dict[str, float]], int | None]:  # fmt: skip
     """Restore ``module`` (and, given them, the optimizer and the random state) from a
     :func:`save_run` checkpoint, after checking that it was written for the same
     configuration and, with ``settings``, the same settings but for ``epochs`` and
-    ``patience`` (``what`` names the module in the messages); returns the record and the
-    best epoch."""
+    ``patience`` (``what`` names the module in the messages; a setting the checkpoint
+    predates counts as its value in ``defaults``); returns the record and the best epoch."""
     what = what or name
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -86,7 +88,8 @@ def load_run(
     _same(path, what, state[f"{name}_config"], config)
     if settings is not None:
         loose = ("epochs", "patience")
-        _same(path, "settings", {k: v for k, v in state["settings"].items() if k not in loose},
+        saved = {**(defaults or {}), **state["settings"]}
+        _same(path, "settings", {k: v for k, v in saved.items() if k not in loose},
               {k: v for k, v in settings.items() if k not in loose})  # fmt: skip
     module.load_state_dict(state[name])
     if optimizer is not None:

@@ -326,6 +326,36 @@ def test_training_and_evaluation_run_on_cuda(digits, tmp_path):
     assert r["nll"] < r["neg_elbo"] + 1.0
 
 
+def test_rnode_regularization_keeps_a_cnf_posterior_smooth(digits, tmp_path):
+    """λ (kinetic energy + Jacobian Frobenius norm) per image joins the training loss: trained
+    with it, the CNF's dynamics move and bend the draws far less than trained without; the
+    layer keeps its own setting afterwards, and a checkpoint from before the setting existed
+    resumes as λ = 0."""
+    data = _tiny(digits)
+    energy = {}
+    for strength in (0.0, 10.0):
+        torch.manual_seed(0)
+        vae = VAE(data.image_shape, flow="cnf", num_layers=1, hidden_dims=(8,), **SMALL)
+        out = tmp_path / str(strength)
+        train(vae, data, epochs=2, batch_size=40, lr=1e-2, regularization=strength, out=out,
+              progress=False)  # fmt: skip
+        layer = next(m for m in vae.modules() if isinstance(m, pf.transforms.Continuous))
+        assert not layer.regularize
+        layer.regularize = True
+        with torch.no_grad():
+            vae(data.test)
+        energy[strength] = sum(v.mean().item() for v in layer.regularization.values())
+    assert energy[10.0] < 0.3 * energy[0.0]  # 0.10 of it here
+    state = torch.load(tmp_path / "0.0" / CHECKPOINT, weights_only=True)
+    del state["settings"]["regularization"]
+    torch.save(state, tmp_path / "0.0" / CHECKPOINT)
+    run = train(vae, data, epochs=3, batch_size=40, lr=1e-2, out=tmp_path / "0.0", resume=True,
+                progress=False)  # fmt: skip
+    assert len(run.history) == 3
+    with pytest.raises(ValueError, match="regularization weighs a CNF posterior's RNODE terms"):
+        train(VAE(data.image_shape, flow="iaf", **SMALL), data, regularization=0.1)
+
+
 def test_the_vae_command_trains_evaluates_and_resumes(tmp_path, capsys):
     import json
 
@@ -355,6 +385,9 @@ def test_the_vae_command_trains_evaluates_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--cnf-rank", "4"])
     assert "--cnf-rank: the posterior 'planar' is not a CNF" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--cnf-regularization", "0.1"])
+    assert "RNODE terms; the posterior is 'planar', not 'cnf'" in capsys.readouterr().err
 
 
 def test_the_vae_command_trains_a_cnf_on_hutchinson_traces(tmp_path):
@@ -367,7 +400,7 @@ def test_the_vae_command_trains_a_cnf_on_hutchinson_traces(tmp_path):
                  "2", "--hidden-dim", "16", "--batch-size", "500", "--epochs", "1",
                  "--cnf-trace", "hutchinson", "--eval-samples", "4", "--eval-images", "4",
                  "--flow-hidden-dims", "8", "8", "--cnf-rank", "2", "--no-progress",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--cnf-regularization", "0.1", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "results.json").read_text())
     assert report["vae"]["trace"] == "hutchinson" and report["test"]["images"] == 4
     assert report["vae"]["hidden_dims"] == [8, 8] and report["vae"]["rank"] == 2

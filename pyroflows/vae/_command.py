@@ -44,6 +44,10 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
                      help="a CNF's amortization: each layer of the dynamics gets a rank-K weight "
                      "and a bias per image, read from the encoder (FFJORD's VAE); default 0, "
                      "the encoder's output is an input of the dynamics")  # fmt: skip
+    vae.add_argument("--cnf-regularization", type=float, default=0.0, metavar="LAMBDA",
+                     help="a CNF's RNODE weight in training: LAMBDA (kinetic energy + Jacobian "
+                     "Frobenius norm) per image joins the loss, keeping the dynamics "
+                     "non-stiff (Finlay et al., 2020); default 0")  # fmt: skip
     vae.add_argument("--data", default="digits",
                      help="digits (bundled, no download), mnist (see PYROFLOWS_DATA), or the "
                      "path of an .npz file or a folder of .amat or IDX files")  # fmt: skip
@@ -85,6 +89,7 @@ def _run(cli: argparse.ArgumentParser, args: argparse.Namespace, device: torch.d
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "warmup_epochs": args.warmup_epochs,
         "free_bits": args.free_bits, "patience": args.patience, "seed": args.seed,
+        "regularization": args.cnf_regularization,
     }  # fmt: skip
     try:
         data = load(args.data, binarize=args.binarize, seed=args.seed).to(device)

@@ -22,6 +22,8 @@ number of processes. Rank 0 alone writes checkpoints and shows the bar.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, _training, distributed
+from ..transforms.continuous import Continuous
 from .data import BinaryImages, check_binary
 from .models import VAE
 
@@ -54,6 +57,9 @@ class Settings:
     free_bits: float = 0.0
     patience: int | None = None  # epochs without a better validation ELBO before stopping
     seed: int = 0
+    # λ of a CNF posterior's RNODE terms (Finlay et al., 2020): λ (kinetic energy + Jacobian
+    # Frobenius norm) per image joins the training loss, keeping the dynamics non-stiff
+    regularization: float = 0.0
 
 
 @dataclass
@@ -109,6 +115,13 @@ def train(
             f"each takes the same share of a batch, got {config.batch_size}"
         )
     distributed.check_devices(vae.device)
+    continuous = [m for m in vae.guide.modules() if isinstance(m, Continuous)]
+    if config.regularization and not continuous:
+        raise ValueError(
+            f"regularization weighs a CNF posterior's RNODE terms; the posterior is "
+            f"{vae.config['flow']!r}, not 'cnf' (set regularization=0)"
+        )
+    rnode = (continuous, config.regularization)
     train_x = vae.check_images(data.train, "data.train")
     vae.check_images(data.valid, "data.valid")
     for split in ("train", "valid") if not data.dynamic else ("valid",):
@@ -138,26 +151,29 @@ def train(
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
             config.seed + epoch)).to(images.device)  # fmt: skip
         total = 0.0
-        for step in range(steps_per_epoch):
-            batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
-            done = epoch * steps_per_epoch + step
-            beta = min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0
-            noise = torch.randn(len(batch), vae.latent_dim, device=batch.device)  # as on every rank
-            loss, value = _batch_loss(net, batch, noise, beta, config.free_bits, rank, world)
-            if not math.isfinite(value):
-                run.stopped = f"non-finite loss {value} at epoch {epoch + 1}, step {step + 1}"
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            name = _training.nonfinite_gradient(vae)
-            if name is not None:
-                run.stopped = f"non-finite gradient of {name} at epoch {epoch + 1}, step " \
-                    f"{step + 1}{_training.GRADIENT_ADVICE}"  # fmt: skip
-                break
-            optimizer.step()
-            total += value * len(batch)
-            if bar is not None and step % 10 == 0:
-                bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}", refresh=False)
+        with _regularized(continuous, config.regularization > 0):
+            for step in range(steps_per_epoch):
+                batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
+                done = epoch * steps_per_epoch + step
+                beta = min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0
+                # the same noise on every rank
+                noise = torch.randn(len(batch), vae.latent_dim, device=batch.device)
+                loss, value = _batch_loss(net, batch, noise, beta, config.free_bits, rank,
+                                          world, rnode)
+                if not math.isfinite(value):
+                    run.stopped = f"non-finite loss {value} at epoch {epoch + 1}, step {step + 1}"
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                name = _training.nonfinite_gradient(vae)
+                if name is not None:
+                    run.stopped = f"non-finite gradient of {name} at epoch {epoch + 1}, step " \
+                        f"{step + 1}{_training.GRADIENT_ADVICE}"  # fmt: skip
+                    break
+                optimizer.step()
+                total += value * len(batch)
+                if bar is not None and step % 10 == 0:
+                    bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}", refresh=False)
         if run.stopped:
             break
         valid = validation_loss(vae, data.valid, config.batch_size)
@@ -180,10 +196,11 @@ def train(
 
 def _batch_loss(
     net: nn.Module, batch: Tensor, noise: Tensor, beta: float, free_bits: float, rank: int,
-    world: int,
+    world: int, rnode: tuple[list[Continuous], float] = ([], 0.0),
 ) -> tuple[Tensor, float]:  # fmt: skip
     """This rank's share of the batch loss per image, whose gradient averaged over the ranks
-    (as DistributedDataParallel does) is the whole batch's, and the whole batch's value."""
+    (as DistributedDataParallel does) is the whole batch's, and the whole batch's value (the
+    -ELBO: ``rnode``'s CNF layers and weight add their RNODE terms to the loss alone)."""
     rows, weight = slice(rank, None, world), 1.0
     if rank >= len(batch):  # fewer images than ranks: a weightless row keeps this rank in step
         rows, weight = slice(0, 1), 0.0
@@ -197,7 +214,25 @@ def _batch_loss(
     else:
         kl_share, kl_value = kl.sum(), sums[1].item()
     value = (beta * kl_value - sums[0].item()) / n
-    return (beta * kl_share - likelihood.sum()) * (world / n), value
+    loss = beta * kl_share - likelihood.sum()
+    layers, strength = rnode
+    if strength:
+        terms = sum(m.regularization["kinetic"] + m.regularization["jacobian"] for m in layers)
+        loss = loss + strength * weight * terms.sum()
+    return loss * (world / n), value
+
+
+@contextmanager
+def _regularized(layers: list[Continuous], on: bool) -> Iterator[None]:
+    """The CNF ``layers`` integrate their RNODE terms inside the block where ``on``."""
+    before = [m.regularize for m in layers]
+    for m in layers:
+        m.regularize = m.regularize or on
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m.regularize = value
 
 
 @torch.no_grad()
@@ -260,7 +295,8 @@ def load_checkpoint(path: Path, vae: VAE, config: Settings | None = None, optimi
     """
     settings = None if config is None else asdict(config)
     history, best = _training.load_run(
-        path, "vae", vae, vae.config, vae.device, settings, optimizer, what="VAE"
+        path, "vae", vae, vae.config, vae.device, settings, optimizer, what="VAE",
+        defaults=asdict(Settings()),
     )
     return TrainRun(history=history, best_epoch=best)
 
@@ -274,3 +310,4 @@ def _check_settings(config: Settings) -> None:
     _checks.nonnegative_number("free_bits", config.free_bits)
     if config.patience is not None:
         _checks.positive_int("patience", config.patience)
+    _checks.nonnegative_number("regularization", config.regularization)
