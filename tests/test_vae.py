@@ -346,6 +346,8 @@ def test_rnode_regularization_keeps_a_cnf_posterior_smooth(digits, tmp_path):
             vae(data.test)
         energy[strength] = sum(v.mean().item() for v in layer.regularization.values())
     assert energy[10.0] < 0.3 * energy[0.0]  # 0.10 of it here
+    assert "nfe_mean" not in train(VAE(data.image_shape, flow="iaf", **SMALL), data,
+                                   epochs=1, progress=False).history[0]  # fmt: skip
     state = torch.load(tmp_path / "0.0" / CHECKPOINT, weights_only=True)
     del state["settings"]["regularization"]
     torch.save(state, tmp_path / "0.0" / CHECKPOINT)
@@ -404,3 +406,7 @@ def test_the_vae_command_trains_a_cnf_on_hutchinson_traces(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert report["vae"]["trace"] == "hutchinson" and report["test"]["images"] == 4
     assert report["vae"]["hidden_dims"] == [8, 8] and report["vae"]["rank"] == 2
+    assert report["settings"]["regularization"] == 0.1
+    epoch = report["history"][0]  # the solver's work per batch, for a CNF posterior
+    assert epoch["nfe_max"] >= epoch["nfe_mean"] >= 8  # dopri5: 2 for the first step, 6 a step
+

@@ -64,8 +64,9 @@ class Settings:
 
 @dataclass
 class TrainRun:
-    """Per-epoch records (train loss per image, validation -ELBO per image, β), the best
-    epoch, and why training ended early (``None`` when it ran every epoch).
+    """Per-epoch records (train loss per image, validation -ELBO per image, β; for a CNF
+    posterior the mean and most function evaluations of a batch's solves), the best epoch,
+    and why training ended early (``None`` when it ran every epoch).
 
     >>> run = TrainRun(history=[{"valid_loss": 90.0}, {"valid_loss": 88.5}], best_epoch=2)
     >>> run.best_valid
@@ -150,7 +151,7 @@ def train(
         images = data.train_epoch()
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
             config.seed + epoch)).to(images.device)  # fmt: skip
-        total = 0.0
+        total, evaluations = 0.0, []
         with _regularized(continuous, config.regularization > 0):
             for step in range(steps_per_epoch):
                 batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
@@ -172,13 +173,20 @@ def train(
                     break
                 optimizer.step()
                 total += value * len(batch)
+                if continuous:  # the solver's work: what stiff dynamics drive up
+                    evaluations.append(sum(m.nfe_forward for m in continuous))
                 if bar is not None and step % 10 == 0:
-                    bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}", refresh=False)
+                    shown = {"nfe": evaluations[-1]} if continuous else {}
+                    bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}", **shown,
+                                    refresh=False)  # fmt: skip
         if run.stopped:
             break
         valid = validation_loss(vae, data.valid, config.batch_size)
         run.history.append({"epoch": epoch + 1, "train_loss": total / len(images),
                             "valid_loss": valid, "kl_weight": beta})  # fmt: skip
+        if evaluations:  # a CNF posterior's function evaluations per batch
+            run.history[-1] |= {"nfe_mean": sum(evaluations) / len(evaluations),
+                                "nfe_max": max(evaluations)}  # fmt: skip
         improved = _training.after_epoch(
             run, valid <= run.best_valid, vae, out if rank == 0 else None,
             lambda path: save_checkpoint(path, vae, config, optimizer, run), bar,
