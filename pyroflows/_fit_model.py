@@ -131,5 +131,3 @@ def optimize(
         if step % 25 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses, None
-
-
