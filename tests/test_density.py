@@ -268,6 +268,12 @@ def test_loading_data_for_density_estimation(tmp_path):
     np.savez(path, valid=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="no array named 'train'"):
         load(path)
+    (tmp_path / "rows.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"data: expected an .npz file, got '.*rows.csv'"):
+        load(tmp_path / "rows.csv")
+    (tmp_path / "broken.npz").write_bytes(b"PK not really")
+    with pytest.raises(ValueError, match=r"data: '.*broken.npz' is not a readable .npz file"):
+        load(tmp_path / "broken.npz")
 
 
 @pytest.mark.gpu

@@ -136,6 +136,27 @@ def test_psis_reading_of_known_proposals():
     assert "unreliable" in str(bad)
 
 
+def test_a_proposal_equal_to_the_target_up_to_z():
+    """log p - log q constant: uniform weights, log Z that constant exactly, every draw
+    effective (arviz's Pareto fit of equal ratios is left out: it says k = inf)."""
+    log_q = torch.distributions.Normal(0.0, 1.0).log_prob(torch.linspace(-3, 3, 500))
+    result = diagnostics.importance_diagnostics(log_q + 1.25, log_q)
+    assert result.log_z == pytest.approx(1.25, abs=1e-12) and result.log_z_stderr == 0.0
+    assert result.ess == pytest.approx(500) and result.verdict == "good"
+    log_w, k_hat = diagnostics.psis(torch.full((4,), 0.3))
+    assert k_hat == -math.inf and torch.allclose(log_w, torch.full((4,), -math.log(4)))
+
+
+def test_diagnostics_refuse_bad_shapes_and_empty_weights():
+    with pytest.raises(ValueError, match="log_p and log_q must be 1-D tensors of the same"):
+        diagnostics.importance_diagnostics(torch.zeros(5), torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="need at least 2 draws where p > 0"):
+        diagnostics.importance_diagnostics(torch.tensor([0.0, -math.inf, math.nan]),
+                                           torch.zeros(3))  # fmt: skip
+    with pytest.raises(ValueError, match=r"x and y must be samples of the same shape \(n, dim\)"):
+        diagnostics.sliced_wasserstein(torch.zeros(10, 2), torch.zeros(10, 3))
+
+
 def test_resampling_moves_draws_towards_the_target():
     """Draws of N(0, 2²) resampled for p ∝ N(1, 1): mean near 1, sd near 1."""
     g = torch.Generator().manual_seed(1)

@@ -127,6 +127,33 @@ def test_bad_files_get_clear_errors(tmp_path):
         load("digits", binarize="threshold")
 
 
+def test_inconsistent_files_get_clear_errors(tmp_path, monkeypatch):
+    np.savez(tmp_path / "widths.npz", train=_images(2), valid=_images(2, 9), test=_images(2))
+    with pytest.raises(ValueError, match=r"widths.npz': splits must be 2-D arrays of one width"):
+        load_npz(tmp_path / "widths.npz")
+    amat = tmp_path / "amat"
+    amat.mkdir()
+    for split, pixels in (("train", 16), ("valid", 16), ("test", 9)):
+        np.savetxt(amat / f"binarized_mnist_{split}.amat", _images(2, pixels), fmt="%d")
+    with pytest.raises(ValueError, match=r"the .amat splits have different widths"):
+        load_amat(amat)
+    monkeypatch.setattr("pyroflows.vae.data.MNIST_VALID", 4)
+    grey = np.random.default_rng(0).integers(0, 256, size=(10, 3, 3))
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    _write_idx(idx / "train-images-idx3-ubyte", grey, False)
+    with pytest.raises(FileNotFoundError, match=r"no t10k-images-idx3-ubyte \(or .*\.gz\)"):
+        load_idx(idx)
+    _write_idx(idx / "t10k-images-idx3-ubyte", grey[:3, :2], False)  # 3x2, not 3x3
+    with pytest.raises(ValueError, match=r"expected over 4 training images and test images of"):
+        load_idx(idx)
+    _write_idx(idx / "t10k-images-idx3-ubyte", grey[:3], False)
+    cut = (idx / "t10k-images-idx3-ubyte").read_bytes()[:-5]
+    (idx / "t10k-images-idx3-ubyte").write_bytes(cut)
+    with pytest.raises(ValueError, match=r"expected 3x3x3 pixels, the file is cut"):
+        load_idx(idx)
+
+
 def test_bad_model_inputs_get_clear_errors():
     with pytest.raises(ValueError, match=r"architecture='conv' is built for 28x28 images"):
         VAE((8, 8), architecture="conv")
