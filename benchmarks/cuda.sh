@@ -38,6 +38,7 @@ step tests 120 python -m pytest -m gpu -q --maxfail=20 -p no:cacheprovider -n 0
 step iwae_eval 90 python benchmarks/iwae_eval.py --device "$device" --images 10000 \
     --samples 5000 --chunk 500 --single-images 10 --rounds 3
 step vae 40 python benchmarks/vae.py --device "$device" --rounds 5 --steps 10
+step eval_chunks 40 python benchmarks/eval_chunks.py --device "$device" --rounds 5
 step guides 50 python benchmarks/guides.py --device "$device" --rounds 5 --steps 10 --threads 1
 step transforms 50 python benchmarks/transforms.py --device "$device" --rounds 5 --calls 10
 step cnf 75 python benchmarks/cnf.py --device "$device" --steps 5

@@ -130,6 +130,25 @@ def test_batched_log_p_x_warns_once_for_all_its_batches(digits):
     assert " of 30 estimate(s)" in str(warning.message)
 
 
+def test_evaluation_chunks_default_to_about_2000_rows_on_a_cpu(digits, monkeypatch):
+    """The same figures (to rounding) as chunks of 500, drawn 2000 // batch_size at a time."""
+    torch.manual_seed(0)
+    vae = VAE(digits.image_shape, flow="iaf", num_layers=2, **SMALL)
+    x, seen = digits.test[:60], []
+    original = pf.distributed.log_marginal_likelihood
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pf.distributed, "log_marginal_likelihood", spy)
+    default = evaluate(vae, x, num_samples=300, batch_size=50)
+    large = evaluate(vae, x, num_samples=300, batch_size=50, chunk_size=500)
+    assert seen == [40, 500]
+    for key in ("neg_elbo", "nll", "nll_stderr"):
+        assert default[key] == pytest.approx(large[key], rel=1e-5)
+
+
 def test_a_cnf_trained_on_hutchinson_traces_is_evaluated_with_the_exact_trace(digits):
     """The bounds of a VAE whose CNF trains on Hutchinson's estimate are those of the same
     VAE with the exact trace (an estimated log-determinant would move them), and the layer
