@@ -428,4 +428,3 @@ def test_the_vae_command_trains_a_cnf_on_hutchinson_traces(tmp_path):
     assert report["settings"]["regularization"] == 0.1
     epoch = report["history"][0]  # the solver's work per batch, for a CNF posterior
     assert epoch["nfe_max"] >= epoch["nfe_mean"] >= 8  # dopri5: 2 for the first step, 6 a step
-

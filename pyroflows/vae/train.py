@@ -22,7 +22,7 @@ number of processes. Rank 0 alone writes checkpoints and shows the bar.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,7 +204,7 @@ def train(
 
 def _batch_loss(
     net: nn.Module, batch: Tensor, noise: Tensor, beta: float, free_bits: float, rank: int,
-    world: int, rnode: tuple[list[Continuous], float] = ([], 0.0),
+    world: int, rnode: tuple[Sequence[Continuous], float] = ((), 0.0),
 ) -> tuple[Tensor, float]:  # fmt: skip
     """This rank's share of the batch loss per image, whose gradient averaged over the ranks
     (as DistributedDataParallel does) is the whole batch's, and the whole batch's value (the
