@@ -247,7 +247,30 @@ class Continuous(Flow):
 
 
 @contextlib.contextmanager
-def exact_traces(module: nn.Module) -> Iterator[None]:
+def continuous_settings(module: nn.Module, **values: Any) -> Iterator[None]:
+    """Every :class:`Continuous` layer in ``module`` takes the settings ``values`` inside
+    the block, and its own settings again after it.
+
+    >>> flow = Continuous(2, hidden_dims=(8,))
+    >>> with continuous_settings(flow, regularize=True):
+    ...     inside = flow.regularize
+    >>> inside, flow.regularize
+    (True, False)
+    """
+    layers = [m for m in module.modules() if isinstance(m, Continuous)]
+    before = [{name: getattr(m, name) for name in values} for m in layers]
+    for layer in layers:
+        for name, value in values.items():
+            setattr(layer, name, value)
+    try:
+        yield
+    finally:
+        for layer, settings in zip(layers, before, strict=True):
+            for name, value in settings.items():
+                setattr(layer, name, value)
+
+
+def exact_traces(module: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Every :class:`Continuous` layer in ``module`` computes its exact trace inside the
     block (for bounds, which an estimated log-determinant would bias), and its own setting
     again after it.
@@ -258,11 +281,4 @@ def exact_traces(module: nn.Module) -> Iterator[None]:
     >>> inside, flow.trace
     ('exact', 'hutchinson')
     """
-    layers = [(m, m.trace) for m in module.modules() if isinstance(m, Continuous)]
-    for layer, _ in layers:
-        layer.trace = "exact"
-    try:
-        yield
-    finally:
-        for layer, trace in layers:
-            layer.trace = trace
+    return continuous_settings(module, trace="exact")

@@ -22,8 +22,7 @@ number of processes. Rank 0 alone writes checkpoints and shows the bar.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, _training, distributed
-from ..transforms.continuous import Continuous
+from ..transforms.continuous import Continuous, continuous_settings
 from .data import BinaryImages, check_binary
 from .models import VAE
 
@@ -123,6 +122,7 @@ def train(
             f"{vae.config['flow']!r}, not 'cnf' (set regularization=0)"
         )
     rnode = (continuous, config.regularization)
+    rnode_switch = {"regularize": True} if config.regularization else {}  # training steps only
     train_x = vae.check_images(data.train, "data.train")
     vae.check_images(data.valid, "data.valid")
     for split in ("train", "valid") if not data.dynamic else ("valid",):
@@ -152,7 +152,7 @@ def train(
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
             config.seed + epoch)).to(images.device)  # fmt: skip
         total, evaluations = 0.0, []
-        with _regularized(continuous, config.regularization > 0):
+        with continuous_settings(vae.guide, **rnode_switch):
             for step in range(steps_per_epoch):
                 batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
                 done = epoch * steps_per_epoch + step
@@ -228,19 +228,6 @@ def _batch_loss(
         terms = sum(m.regularization["kinetic"] + m.regularization["jacobian"] for m in layers)
         loss = loss + strength * weight * terms.sum()
     return loss * (world / n), value
-
-
-@contextmanager
-def _regularized(layers: list[Continuous], on: bool) -> Iterator[None]:
-    """The CNF ``layers`` integrate their RNODE terms inside the block where ``on``."""
-    before = [m.regularize for m in layers]
-    for m in layers:
-        m.regularize = m.regularize or on
-    try:
-        yield
-    finally:
-        for m, value in zip(layers, before, strict=True):
-            m.regularize = value
 
 
 @torch.no_grad()
