@@ -1,10 +1,11 @@
 """What every training loop shares: checkpoints written atomically and read with
 ``weights_only=True`` (refusing another configuration by name), the random state that makes
-``resume`` bit for bit, early stopping, the progress bar and the check for non-finite
-gradients."""
+``resume`` bit for bit, early stopping, the progress bar, the check for non-finite
+gradients, and a continuous flow's RNODE terms and solver record."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .transforms.continuous import Continuous, continuous_settings
 
 
 def atomic_save(state: dict[str, Any], path: Path) -> None:
@@ -31,8 +34,57 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
 GRADIENT_ADVICE = (
     "; lower lr, or, for a continuous flow whose dynamics turned stiff (back-propagation "
     "through hundreds of solver steps overflows), weigh its RNODE terms into the loss (the "
-    "VAE's regularization) or set adjoint=True"
+    "regularization setting) or set adjoint=True"
 )
+
+
+class SolverTerms:
+    """The continuous-time layers of a module being trained: RNODE's terms (Finlay et al.,
+    2020) for the loss and the solver's evaluations per batch for the record.
+
+    ``strength`` λ weighs the kinetic energy plus the Jacobian's squared Frobenius norm of
+    each row (summed over the layers): :meth:`penalty` is what joins the loss. Training steps
+    run inside :meth:`switched_on`, which sets ``regularize`` on the layers only while
+    ``strength`` is positive and restores it after. A positive ``strength`` for a module
+    without continuous layers is an error naming ``what`` the module is.
+
+    >>> from pyroflows.transforms import Continuous
+    >>> flow = Continuous(2, hidden_dims=(8,))
+    >>> terms = SolverTerms(flow, 0.1, "flow")
+    >>> with terms.switched_on():
+    ...     _ = flow(torch.randn(5, 2))
+    >>> terms.penalty().shape, flow.regularize, terms.record([20, 26])
+    (torch.Size([5]), False, {'nfe_mean': 23.0, 'nfe_max': 26})
+    """
+
+    def __init__(self, module: nn.Module, strength: float, what: str) -> None:
+        self.module, self.strength = module, strength
+        self.layers = [m for m in module.modules() if isinstance(m, Continuous)]
+        if strength and not self.layers:
+            raise ValueError(
+                f"regularization weighs a continuous flow's RNODE terms; the {what} has no "
+                "continuous layer (use the 'cnf' recipe, or set regularization=0)"
+            )
+
+    def switched_on(self) -> contextlib.AbstractContextManager[None]:
+        return continuous_settings(self.module, **({"regularize": True} if self.strength else {}))
+
+    def penalty(self) -> Tensor:
+        """``strength`` times each row's terms from the layers' last solves."""
+        return self.strength * sum(
+            m.regularization["kinetic"] + m.regularization["jacobian"] for m in self.layers
+        )
+
+    def evaluations(self) -> int:
+        """The layers' function evaluations in their last forward solves."""
+        return sum(m.nfe_forward for m in self.layers)
+
+    @staticmethod
+    def record(evaluations: list[int]) -> dict[str, float]:
+        """The epoch's mean and largest evaluations per batch (empty without any)."""
+        if not evaluations:
+            return {}
+        return {"nfe_mean": sum(evaluations) / len(evaluations), "nfe_max": max(evaluations)}
 
 
 def nonfinite_gradient(module: nn.Module) -> str | None:

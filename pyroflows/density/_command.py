@@ -40,6 +40,10 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
     density.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     density.add_argument("--lr", type=float, default=defaults.lr)
     density.add_argument("--patience", type=positive_int, default=defaults.patience)
+    density.add_argument("--cnf-regularization", type=float, default=0.0, metavar="LAMBDA",
+                         help="a cnf's RNODE weight in training: LAMBDA (kinetic "
+                         "energy + Jacobian Frobenius norm) per row joins the loss; "
+                         "default 0")  # fmt: skip
     density.add_argument("--eval-samples", type=positive_int, default=16,
                          help="dequantization draws per test row for the bound (default: 16)")
     density.add_argument("--seed", type=int, default=0)
@@ -53,7 +57,8 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .. import plots
 
     settings = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                "patience": args.patience, "seed": args.seed}  # fmt: skip
+                "patience": args.patience, "seed": args.seed,
+                "regularization": args.cnf_regularization}  # fmt: skip
     options = {} if args.hidden is None else {"hidden_dims": tuple(args.hidden)}
     try:
         device = _checks.device("device", args.device)

@@ -15,7 +15,6 @@ continues an interrupted run bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,11 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _training
+from . import training_data
 from .model import LOG_2, DensityModel
+from .training_data import Batches
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-Batches = Tensor | Iterable  # a tensor of rows, or batches (x or (x, context)) such as a DataLoader
 
 
 @dataclass
@@ -46,6 +46,9 @@ class Settings:
     weight_decay: float = 0.0
     patience: int | None = 10  # epochs without a better validation loss before stopping
     seed: int = 0
+    # λ of a CNF's RNODE terms (Finlay et al., 2020): λ (kinetic energy + Jacobian Frobenius
+    # norm) per row joins the training loss, keeping the dynamics non-stiff
+    regularization: float = 0.0
 
 
 @dataclass
@@ -90,6 +93,7 @@ def fit_data(
     weight_decay: float = 0.0,
     patience: int | None = 10,
     seed: int = 0,
+    regularization: float = 0.0,
     **flow_options: Any,
 ) -> DensityFit:
     """Fit ``flow`` (a recipe name) to the rows of ``x`` by maximum likelihood.
@@ -108,7 +112,11 @@ def fit_data(
     (``optimizer="adamw"`` with ``weight_decay``) at ``lr`` over shuffled batches of
     ``batch_size``, stopped after ``patience`` epochs without a better validation loss
     (``None``: never), from ``seed``; ``flow_options`` go to the recipe. Standardization uses
-    the training tensor, or a loader's first batch. With ``out`` the checkpoints
+    the training tensor, or a loader's first batch. ``regularization`` λ adds a ``cnf``'s
+    RNODE terms, λ (kinetic energy + Jacobian Frobenius norm) per row, to the training loss
+    (not to the recorded likelihoods): fewer solver steps for the same fit; the record then
+    holds the solver's evaluations per batch (``nfe_mean``, ``nfe_max``), as it does for any
+    ``cnf``. With ``out`` the checkpoints
     ``checkpoint.pt`` (every epoch) and ``best.pt`` are written there; ``resume=True``
     continues from ``checkpoint.pt``. A non-finite loss or gradient stops training before
     its update, with the epoch and step in ``stopped``, and writes no checkpoint.
@@ -119,12 +127,15 @@ def fit_data(
     >>> fit.model.log_prob(x[:3]).shape, len(fit.history)
     (torch.Size([3]), 5)
     """
-    config = Settings(epochs, batch_size, lr, optimizer, weight_decay, patience, seed)
+    config = Settings(epochs, batch_size, lr, optimizer, weight_decay, patience, seed,
+                      regularization)
     _check_settings(config)
     dev = _checks.device("device", device) if device is not None else torch.device("cpu")
     torch.manual_seed(config.seed)
-    train, valid, context, valid_context = _split(x, context, valid, valid_context, valid_fraction)
-    first, first_context = _first_rows(train, context)
+    train, valid, context, valid_context = training_data.split(
+        x, context, valid, valid_context, valid_fraction
+    )
+    first, first_context = training_data.first_rows(train, context)
     model = DensityModel(
         first.shape[-1], flow, num_layers,
         context_dim=0 if first_context is None else first_context.shape[-1],
@@ -132,78 +143,15 @@ def fit_data(
         **flow_options,
     ).to(dev)  # fmt: skip
     if isinstance(train, Tensor):  # checked and moved once; batches are checked as they come
-        train, context = _on_device(model, train, context, "x")
+        train, context = training_data.on_device(model, train, context, "x")
         first = train
     else:
-        first, _ = _on_device(model, first, first_context, "x")
+        first, _ = training_data.on_device(model, first, first_context, "x")
     if isinstance(valid, Tensor):
-        valid, valid_context = _on_device(model, valid, valid_context, "valid")
+        valid, valid_context = training_data.on_device(model, valid, valid_context, "valid")
     if standardize:
         model.standardize(first)
     return _train(model, train, context, valid, valid_context, config, out, resume, progress)
-
-
-def _on_device(model: DensityModel, x: Tensor, context: Tensor | None, name: str):
-    """``x`` checked against the model (:meth:`DensityModel.check`) and its context, both on
-    the model's device and dtype."""
-    x = model.check(x, context, name).to(model.loc.device)
-    return x, None if context is None else context.to(x.device, x.dtype)
-
-
-def _flat(x: Tensor, name: str) -> Tensor:
-    if not isinstance(x, Tensor) or x.dim() < 2 or len(x) < 1:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a tensor of shape (N, *features), got {shape}")
-    return x.reshape(len(x), -1)
-
-
-def _split(x, context, valid, valid_context, fraction):
-    if isinstance(x, Tensor):
-        x = _flat(x, "x")
-        if context is not None and (not isinstance(context, Tensor) or len(context) != len(x)):
-            raise ValueError(f"context must be a tensor with {len(x)} rows, one per row of x")
-        if valid is None:
-            if not 0 < fraction < 1:
-                raise ValueError(f"valid_fraction must lie in (0, 1), got {fraction!r}")
-            order = torch.randperm(len(x))
-            n = max(1, round(fraction * len(x)))
-            if n >= len(x):
-                raise ValueError(f"x: {len(x)} rows are too few to hold out a validation set")
-            valid, x = x[order[:n]], x[order[n:]]
-            if context is not None:
-                valid_context, context = context[order[:n]], context[order[n:]]
-    elif context is not None:
-        raise ValueError("context: with batches of x, give each batch as (x, context)")
-    if isinstance(valid, Tensor):
-        valid = _flat(valid, "valid")
-    return x, valid, context, valid_context
-
-
-def _first_rows(data: Batches, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The training tensor and its context, or the first batch of an iterable: the model's
-    widths and the rows standardization is computed from."""
-    if isinstance(data, Tensor):
-        return data, context
-    batch = next(iter(data), None)
-    if batch is None:
-        raise ValueError("x: the batches are empty")
-    x, c = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
-    return _flat(x, "a batch of x"), c
-
-
-def _batches(model: DensityModel, data: Batches, context: Tensor | None, size: int, name: str):
-    """``(x, context)`` batches on the model's device: a tensor shuffled (from the global
-    generator) into ``size`` rows, or an iterable as it comes."""
-    device = model.loc.device
-    if isinstance(data, Tensor):
-        order = torch.randperm(len(data), device=data.device)
-        for start in range(0, len(data), size):
-            rows = order[start : start + size]
-            yield data[rows], None if context is None else context[rows]
-        return
-    for batch in data:
-        x, c = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
-        yield _flat(x, f"a batch of {name}").to(device), None if c is None else c.to(device)
 
 
 def _train(model, train, context, valid, valid_context, config, out, resume, progress):
@@ -218,6 +166,7 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
         result = load_checkpoint(_training.resume_from(out), model, config, optimizer)
         start = len(result.history)
     best_state = None
+    solver = _training.SolverTerms(model, config.regularization, f"{model.config['flow']!r} model")
     bar = _training.progress(progress, config.epochs, start)
     for epoch in range(start, config.epochs):
         if _training.stalled(len(result.history), result.best_epoch, config.patience):
@@ -225,29 +174,34 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
                               f"{config.patience} epochs")  # fmt: skip
             break
         model.train()
-        total, rows = 0.0, 0
-        for step, (x, c) in enumerate(_batches(model, train, context, config.batch_size, "x")):
-            if not isinstance(train, Tensor):
-                x = model.check(x, c)
-            loss = -model.log_prob(x, c).mean()
-            if not torch.isfinite(loss):
-                result.stopped = (f"non-finite loss {loss.item()} at epoch {epoch + 1}, "
-                                  f"step {step + 1}")  # fmt: skip
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            name = _training.nonfinite_gradient(model)
-            if name is not None:
-                result.stopped = (f"non-finite gradient of {name} at epoch {epoch + 1}, step "
-                                  f"{step + 1}{_training.GRADIENT_ADVICE}")  # fmt: skip
-                break
-            optimizer.step()
-            total, rows = total + loss.item() * len(x), rows + len(x)
-            if bar is not None and step % 10 == 0:
-                bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+        total, rows, evaluations = 0.0, 0, []
+        batches = training_data.batches(model, train, context, config.batch_size, "x")
+        with solver.switched_on():
+            for step, (x, c) in enumerate(batches):
+                if not isinstance(train, Tensor):
+                    x = model.check(x, c)
+                nll = -model.log_prob(x, c).mean()
+                if not torch.isfinite(nll):
+                    result.stopped = (f"non-finite loss {nll.item()} at epoch {epoch + 1}, "
+                                      f"step {step + 1}")  # fmt: skip
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                (nll + solver.penalty().mean() if solver.strength else nll).backward()
+                name = _training.nonfinite_gradient(model)
+                if name is not None:
+                    result.stopped = (f"non-finite gradient of {name} at epoch {epoch + 1}, "
+                                      f"step {step + 1}{_training.GRADIENT_ADVICE}")  # fmt: skip
+                    break
+                optimizer.step()
+                total, rows = total + nll.item() * len(x), rows + len(x)
+                if solver.layers:
+                    evaluations.append(solver.evaluations())
+                if bar is not None and step % 10 == 0:
+                    bar.set_postfix(nll=f"{nll.item():.3f}", refresh=False)
         if result.stopped:
             break
-        record = {"epoch": epoch + 1, "train_nll": total / max(rows, 1)}
+        record = {"epoch": epoch + 1, "train_nll": total / max(rows, 1),
+                  **solver.record(evaluations)}  # fmt: skip
         if valid is not None:
             record["valid_nll"] = validation_nll(model, valid, valid_context, config.batch_size)
         if model.discrete:
@@ -286,7 +240,7 @@ def validation_nll(
         parts = [(x[i : i + batch_size], None if context is None else context[i : i + batch_size])
                  for i in range(0, len(x), batch_size)]  # fmt: skip
     else:
-        parts = _batches(model, x, None, batch_size, "valid")
+        parts = training_data.batches(model, x, None, batch_size, "valid")
     for rows_x, rows_c in parts:
         rows_x = model.check(rows_x, rows_c, "valid")
         total += -model.log_prob(rows_x, rows_c).sum().item()
@@ -325,7 +279,8 @@ def load_checkpoint(path: Path, model: DensityModel, config: Settings | None = N
     """
     settings = None if config is None else asdict(config)
     history, best = _training.load_run(path, "density", model, model.config, model.loc.device,
-                                       settings, optimizer, what="density model")  # fmt: skip
+                                       settings, optimizer, what="density model",
+                                       defaults=asdict(Settings()))  # fmt: skip
     return DensityFit(model, history, best)
 
 
@@ -337,3 +292,4 @@ def _check_settings(config: Settings) -> None:
     _checks.nonnegative_number("weight_decay", config.weight_decay)
     if config.patience is not None:
         _checks.positive_int("patience", config.patience)
+    _checks.nonnegative_number("regularization", config.regularization)

@@ -22,7 +22,6 @@ number of processes. Rank 0 alone writes checkpoints and shows the bar.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, _training, distributed
-from ..transforms.continuous import Continuous, continuous_settings
 from .data import BinaryImages, check_binary
 from .models import VAE
 
@@ -115,14 +113,8 @@ def train(
             f"each takes the same share of a batch, got {config.batch_size}"
         )
     distributed.check_devices(vae.device)
-    continuous = [m for m in vae.guide.modules() if isinstance(m, Continuous)]
-    if config.regularization and not continuous:
-        raise ValueError(
-            f"regularization weighs a CNF posterior's RNODE terms; the posterior is "
-            f"{vae.config['flow']!r}, not 'cnf' (set regularization=0)"
-        )
-    rnode = (continuous, config.regularization)
-    rnode_switch = {"regularize": True} if config.regularization else {}  # training steps only
+    solver = _training.SolverTerms(vae.guide, config.regularization,
+                                   f"{vae.config['flow']!r} posterior")  # fmt: skip
     train_x = vae.check_images(data.train, "data.train")
     vae.check_images(data.valid, "data.valid")
     for split in ("train", "valid") if not data.dynamic else ("valid",):
@@ -152,7 +144,7 @@ def train(
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
             config.seed + epoch)).to(images.device)  # fmt: skip
         total, evaluations = 0.0, []
-        with continuous_settings(vae.guide, **rnode_switch):
+        with solver.switched_on():
             for step in range(steps_per_epoch):
                 batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
                 done = epoch * steps_per_epoch + step
@@ -160,7 +152,7 @@ def train(
                 # the same noise on every rank
                 noise = torch.randn(len(batch), vae.latent_dim, device=batch.device)
                 loss, value = _batch_loss(net, batch, noise, beta, config.free_bits, rank,
-                                          world, rnode)
+                                          world, solver)
                 if not math.isfinite(value):
                     run.stopped = f"non-finite loss {value} at epoch {epoch + 1}, step {step + 1}"
                     break
@@ -173,10 +165,10 @@ def train(
                     break
                 optimizer.step()
                 total += value * len(batch)
-                if continuous:  # the solver's work: what stiff dynamics drive up
-                    evaluations.append(sum(m.nfe_forward for m in continuous))
+                if solver.layers:  # the solver's work: what stiff dynamics drive up
+                    evaluations.append(solver.evaluations())
                 if bar is not None and step % 10 == 0:
-                    shown = {"nfe": evaluations[-1]} if continuous else {}
+                    shown = {"nfe": evaluations[-1]} if evaluations else {}
                     bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}", **shown,
                                     refresh=False)  # fmt: skip
         if run.stopped:
@@ -184,9 +176,7 @@ def train(
         valid = validation_loss(vae, data.valid, config.batch_size)
         run.history.append({"epoch": epoch + 1, "train_loss": total / len(images),
                             "valid_loss": valid, "kl_weight": beta})  # fmt: skip
-        if evaluations:  # a CNF posterior's function evaluations per batch
-            run.history[-1] |= {"nfe_mean": sum(evaluations) / len(evaluations),
-                                "nfe_max": max(evaluations)}  # fmt: skip
+        run.history[-1] |= solver.record(evaluations)  # a CNF's evaluations per batch
         improved = _training.after_epoch(
             run, valid <= run.best_valid, vae, out if rank == 0 else None,
             lambda path: save_checkpoint(path, vae, config, optimizer, run), bar,
@@ -204,11 +194,11 @@ def train(
 
 def _batch_loss(
     net: nn.Module, batch: Tensor, noise: Tensor, beta: float, free_bits: float, rank: int,
-    world: int, rnode: tuple[Sequence[Continuous], float] = ((), 0.0),
+    world: int, solver: _training.SolverTerms | None = None,
 ) -> tuple[Tensor, float]:  # fmt: skip
     """This rank's share of the batch loss per image, whose gradient averaged over the ranks
     (as DistributedDataParallel does) is the whole batch's, and the whole batch's value (the
-    -ELBO: ``rnode``'s CNF layers and weight add their RNODE terms to the loss alone)."""
+    -ELBO: ``solver``'s RNODE penalty joins the loss alone)."""
     rows, weight = slice(rank, None, world), 1.0
     if rank >= len(batch):  # fewer images than ranks: a weightless row keeps this rank in step
         rows, weight = slice(0, 1), 0.0
@@ -223,10 +213,8 @@ def _batch_loss(
         kl_share, kl_value = kl.sum(), sums[1].item()
     value = (beta * kl_value - sums[0].item()) / n
     loss = beta * kl_share - likelihood.sum()
-    layers, strength = rnode
-    if strength:
-        terms = sum(m.regularization["kinetic"] + m.regularization["jacobian"] for m in layers)
-        loss = loss + strength * weight * terms.sum()
+    if solver is not None and solver.strength:
+        loss = loss + weight * solver.penalty().sum()
     return loss * (world / n), value
 
 
