@@ -50,6 +50,11 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
         default=0,
         help="steps of tempering from the flow's base to the target (default: 0)",
     )
+    sample.add_argument(
+        "--cnf-regularization", type=float, default=0.0, metavar="LAMBDA",
+        help="a cnf's RNODE weight: LAMBDA (kinetic energy + Jacobian Frobenius norm) per "
+        "draw joins the gradient (default: 0)",
+    )  # fmt: skip
     sample.add_argument("--num-eval", type=positive_int, default=10_000, help="evaluation draws")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     sample.add_argument(
@@ -81,7 +86,8 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             fit(
                 target, args.flow, num_layers=args.layers, steps=args.steps,
                 particles=args.particles, lr=args.lr, estimator=args.estimator,
-                warmup_steps=args.warmup_steps, num_eval=args.num_eval, seed=args.seed + i,
+                warmup_steps=args.warmup_steps, regularization=args.cnf_regularization,
+                num_eval=args.num_eval, seed=args.seed + i,
                 device=args.device, **options,
             )
             for i in range(args.repeats)
@@ -94,6 +100,7 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     exact_log_z = getattr(target, "log_z", None)
     report = {
         "target": args.target, "dim": dim, "flow": args.flow, "hidden_dims": args.hidden_dims,
+        "regularization": args.cnf_regularization,
         "steps": len(r.losses),
         "stopped": r.stopped, "log_z": d.log_z, "log_z_stderr": d.log_z_stderr,
         "exact_log_z": exact_log_z, "k_hat": d.k_hat, "verdict": d.verdict, "ess": d.ess,

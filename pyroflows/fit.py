@@ -30,6 +30,7 @@ from tqdm.auto import trange
 from . import _checks, diagnostics, distributed
 from ._fit_model import fit_model, optimize
 from ._scores import stopped_log_prob
+from ._training import SolverTerms
 from .autoguide import init_to_median_or_feasible
 from .flows import RECIPES, build
 from .infer.weights import weighted_draws
@@ -147,6 +148,7 @@ def fit(
     schedule: str = "cosine",
     estimator: str = "standard",
     warmup_steps: int = 0,
+    regularization: float = 0.0,
     num_eval: int = 10_000,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -167,7 +169,9 @@ def fit(
     2017) or, for Pyro models, ``"dreg"`` (the IWAE bound with ``particles`` samples and
     doubly reparameterized gradients); ``warmup_steps`` raises β from 0 to 1 over as many
     steps, fitting ``p^β N(0, I)^(1-β)``: tempering from the flow's base to the target (log
-    densities only);
+    densities only); ``regularization`` λ adds a ``cnf``'s RNODE terms (Finlay et al., 2020),
+    λ (kinetic energy + Jacobian Frobenius norm) per draw, to the gradient, not to the
+    recorded loss, keeping the dynamics non-stiff (log densities only);
     ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
     to :func:`pyroflows.build`. See the module docstring for non-finite values. Run under
     ``torchrun``, the particles are shared out over the processes (a Pyro model's drawn
@@ -187,6 +191,7 @@ def fit(
     _checks.one_of("schedule", schedule, SCHEDULES)
     _checks.one_of("estimator", estimator, ESTIMATORS)
     warmup_steps = _checks.nonnegative_int("warmup_steps", warmup_steps)
+    regularization = _checks.nonnegative_number("regularization", regularization)
     num_eval = _checks.positive_int("num_eval", num_eval)
     device = _checks.device("device", device)
     torch.manual_seed(seed)
@@ -201,8 +206,9 @@ def fit(
         return trange(n, disable=not progress, desc=f"fitting {flow}")
 
     if dim is None:  # a Pyro model
-        if warmup_steps:
-            raise ValueError("warmup_steps applies to log densities, not to Pyro models")
+        for name, value in (("warmup_steps", warmup_steps), ("regularization", regularization)):
+            if value:
+                raise ValueError(f"{name} applies to log densities, not to Pyro models")
         fields = fit_model(
             log_p, flow, args=tuple(model_args), kwargs=model_kwargs, num_layers=num_layers,
             steps=steps, particles=particles, make_optimizer=make_optimizer,
@@ -223,10 +229,13 @@ def fit(
     q = density.distribution()
 
     rank, world = distributed.rank_and_world()
+    solver = SolverTerms(transform, regularization, f"{flow!r} flow")
 
     def loss_at(step: int) -> tuple[Tensor, str | None]:
         # the same base draws on every rank, each rank its share of them (all, alone)
         x = transform(density.base.rsample((particles,))[rank::world])
+        # RNODE's terms from the solve that drew x (a stopped density below solves again)
+        penalty = solver.penalty().sum() / particles if regularization else None
         log_q = stopped_log_prob(q, x) if estimator == "stl" else q.log_prob(x)
         if log_q is None:  # a layer without a score pullback: the density, parameters swapped
             stopped_params = {k: v.detach() for k, v in density.named_parameters()}
@@ -236,9 +245,13 @@ def fit(
         beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         if beta < 1.0:  # the target p^β base^(1-β): from the flow's base to p
             target_values = beta * target_values + (1 - beta) * density.base.log_prob(x)
-        return (log_q - target_values).sum() / particles, problem  # summed over the ranks
+        loss = (log_q - target_values).sum() / particles  # summed over the ranks
+        if penalty is not None:  # in the gradient, not in the value
+            loss = loss + (penalty - penalty.detach())
+        return loss, problem
 
-    losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar, sharded=True)
+    with solver.switched_on():
+        losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar, sharded=True)
     with torch.no_grad():
         x = q.sample((num_eval,))
         log_q, values = q.log_prob(x), log_p(x)

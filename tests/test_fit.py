@@ -278,6 +278,10 @@ def test_sample_command_refuses_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--target", "u1", "--flow", "planar", "--hidden-dims", "8", "--out", "x"])
     assert "--hidden-dims: the recipe 'planar' has no network" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--target", "u1", "--flow", "planar", "--cnf-regularization", "0.1",
+              "--out", "x"])  # fmt: skip
+    assert "the 'planar' flow has no continuous layer" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -319,3 +323,52 @@ def test_tempering_goes_from_the_base_to_the_target():
     r = pf.fit(target, "realnvp", steps=400, warmup_steps=200, seed=0, **SMALL, **SMALL_NET)
     assert r.diagnostics.ess > 0.9 * r.diagnostics.num_samples
     assert abs(r.diagnostics.log_z - target.log_z) < 3 * r.diagnostics.log_z_stderr + 0.01
+
+
+def test_rnode_regularization_smooths_a_cnf_and_stays_out_of_the_loss():
+    """λ (kinetic energy + Jacobian Frobenius norm) per draw joins the gradient: fitted with
+    it, the CNF moves and bends its draws far less; the recorded loss is the objective alone
+    (the first step, before any update, records the same value with and without λ), and the
+    layer keeps its own setting afterwards."""
+    runs, energy = {}, {}
+    for strength in (0.0, 1.0):
+        runs[strength] = pf.fit("banana", "cnf", steps=60, particles=64, num_eval=200,
+                                regularization=strength, seed=0, progress=False)  # fmt: skip
+        layer = next(m for m in runs[strength].q.transforms[0].modules()
+                     if isinstance(m, pf.transforms.Continuous))  # fmt: skip
+        assert not layer.regularize
+        layer.regularize = True
+        with torch.no_grad():
+            layer(torch.randn(500, 2, generator=torch.Generator().manual_seed(1)))
+        energy[strength] = sum(v.mean().item() for v in layer.regularization.values())
+    assert energy[1.0] < 0.3 * energy[0.0]
+    # the solver's steps differ by tolerance (its error norm sees the terms); λ R is 0.03
+    assert runs[1.0].losses[0] == pytest.approx(runs[0.0].losses[0], abs=1e-3)
+    assert runs[1.0].losses[-1] != pytest.approx(runs[0.0].losses[-1], rel=1e-3)
+    with pytest.raises(ValueError, match="the 'realnvp' flow has no continuous layer"):
+        pf.fit("banana", "realnvp", regularization=0.1)
+    with pytest.raises(ValueError, match="regularization must be a non-negative"):
+        pf.fit("banana", "cnf", regularization=-1.0)
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="regularization applies to log densities"):
+        pf.fit(model, "cnf", regularization=0.1)
+
+
+
+def test_sample_command_passes_the_cnf_regularization(tmp_path, monkeypatch):
+    import json
+
+    from pyroflows.cli import main
+
+    calls, fit = [], pf.fit
+    monkeypatch.setattr(pf, "fit", lambda *a, **k: calls.append(k) or fit(*a, **k))
+    with warnings.catch_warnings():  # three steps: a poor fit, which may warn
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert main(["sample", "--target", "banana", "--flow", "cnf", "--steps", "3",
+                     "--cnf-regularization", "0.1", "--num-eval", "200", "--out",
+                     str(tmp_path)]) == 0  # fmt: skip
+    assert calls[0]["regularization"] == 0.1
+    assert json.loads((tmp_path / "diagnostics.json").read_text())["regularization"] == 0.1
