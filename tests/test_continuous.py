@@ -87,7 +87,7 @@ def test_max_norm_is_stricter_than_rms():
 
 
 def _gradients(mode: str, trace: str, reverse: bool = False, **options) -> list[torch.Tensor]:
-    """Gradients of a loss on y, log|det| and the kinetic regulariser with respect to the
+    """Gradients of a loss on y, log|det| and both RNODE regularisers with respect to the
     input, the context and every parameter, back-propagated in the given mode."""
     flow = make(
         adjoint=mode == "adjoint",
@@ -103,7 +103,8 @@ def _gradients(mode: str, trace: str, reverse: bool = False, **options) -> list[
     context = torch.randn(4, 2, dtype=f64, requires_grad=True)
     t = flow.condition(context)
     y, ladj = t.inverse_and_ladj(x) if reverse else t.call_and_ladj(x)
-    (y.square().sum() + ladj.sum() + flow.regularization["kinetic"].sum()).backward()
+    terms = flow.regularization["kinetic"] + flow.regularization["jacobian"]
+    (y.square().sum() + ladj.sum() + terms.sum()).backward()
     assert (flow.nfe_backward > 0) == (mode != "direct")
     return [x.grad, context.grad] + [p.grad for p in flow.parameters()]
 

@@ -197,7 +197,8 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
                 if solver.layers:
                     evaluations.append(solver.evaluations())
                 if bar is not None and step % 10 == 0:
-                    bar.set_postfix(nll=f"{nll.item():.3f}", refresh=False)
+                    shown = {"nfe": evaluations[-1]} if evaluations else {}
+                    bar.set_postfix(nll=f"{nll.item():.3f}", **shown, refresh=False)
         if result.stopped:
             break
         record = {"epoch": epoch + 1, "train_nll": total / max(rows, 1),
