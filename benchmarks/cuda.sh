@@ -43,8 +43,8 @@ step guides 50 python benchmarks/guides.py --device "$device" --rounds 5 --steps
 step transforms 50 python benchmarks/transforms.py --device "$device" --rounds 5 --calls 10
 step cnf 75 python benchmarks/cnf.py --device "$device" --steps 5
 step density 40 python benchmarks/density.py --device "$device" --epochs 1 --flows maf nsf-coupling
-step cnf_regularization 40 python benchmarks/cnf_regularization.py --device "$device" \
-    --epochs 3 --rows 2000 --rounds 3
+step cnf_regularization 30 python benchmarks/cnf_regularization.py --device "$device" \
+    --epochs 2 --rows 2000 --rounds 3
 step reverse_kl 45 python benchmarks/reverse_kl.py --device "$device" --targets funnel-10 \
     --flows iaf --steps 500 --no-pyro
 
