@@ -114,9 +114,9 @@ def fit_data(
     (``None``: never), from ``seed``; ``flow_options`` go to the recipe. Standardization uses
     the training tensor, or a loader's first batch. ``regularization`` λ adds a ``cnf``'s
     RNODE terms, λ (kinetic energy + Jacobian Frobenius norm) per row, to the training loss
-    (not to the recorded likelihoods): fewer solver steps for the same fit; the record then
-    holds the solver's evaluations per batch (``nfe_mean``, ``nfe_max``), as it does for any
-    ``cnf``. With ``out`` the checkpoints
+    (not to the recorded likelihoods): fewer solver steps for some likelihood; the record
+    holds the solver's evaluations per batch (``nfe_mean``, ``nfe_max``) of any ``cnf``.
+    With ``out`` the checkpoints
     ``checkpoint.pt`` (every epoch) and ``best.pt`` are written there; ``resume=True``
     continues from ``checkpoint.pt``. A non-finite loss or gradient stops training before
     its update, with the epoch and step in ``stopped``, and writes no checkpoint.
