@@ -325,6 +325,9 @@ def test_fit_data_on_cuda(dequantize):
     assert result.model.loc.is_cuda and result.model.sample(5).is_cuda
     assert math.isfinite(result.model.bits_per_dim(x.cuda()))
     assert pf.fit_data is fit_data
+    fit = fit_data(torch.randn(200, 2), "cnf", num_layers=1, hidden_dims=(8,), device="cuda",
+                   regularization=0.1, progress=False, **QUICK)  # fmt: skip
+    assert fit.model.loc.is_cuda and fit.history[-1]["nfe_mean"] > 0
 
 
 def test_the_density_command_fits_reports_and_resumes(tmp_path, capsys):
