@@ -43,6 +43,17 @@ def _max_norm(errors: tuple[Tensor, ...]) -> Tensor:
     return torch.stack([e.abs().max() for e in errors]).max()
 
 
+def _rms_norm(errors: tuple[Tensor, ...]) -> Tensor:
+    """The largest root-mean-square scaled error of any part: torchdiffeq's default."""
+    return torch.stack([e.square().mean().sqrt() for e in errors]).max()
+
+
+def _flow_norm(norm: Callable[[tuple[Tensor, ...]], Tensor]) -> Callable:
+    """``norm`` of the errors of the state and its log-determinant alone: the regularisers'
+    integrals ride along on the steps the flow needs, as they do not feed back into it."""
+    return lambda errors: norm(errors[:2])
+
+
 class Continuous(Flow):
     r"""``y = z(T)`` for ``dz/dt = f(z, t, c)``, ``z(0) = x``;
     ``log|det dy/dx| = ∫₀ᵀ tr(∂f/∂z) dt``.
@@ -197,8 +208,11 @@ class Continuous(Flow):
             # the last step lands on the end time, so the result is a step's endpoint, not
             # the 4th-order interpolant of a step past it (a larger error for the same steps)
             options = {"max_num_steps": self.max_num_steps, "step_t": grid[1:]}
-            if self.norm == "max":
-                options["norm"] = _max_norm
+            norm = _max_norm if self.norm == "max" else _rms_norm
+            if self.regularize:
+                options["norm"] = _flow_norm(norm)
+            elif self.norm == "max":
+                options["norm"] = norm
         else:
             options = {"step_size": 1.0 / self.num_steps}
         kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method, "options": options}
