@@ -90,8 +90,10 @@ class Continuous(Flow):
 
     ``regularize=True`` also integrates RNODE's regularisers (Finlay et al., 2020), the kinetic
     energy ``∫|f|² dt`` and the Jacobian Frobenius norm ``∫|∂f/∂z|²_F dt`` (exact, or its
-    Hutchinson estimate), during the same solve; ``flow.regularization`` holds them, per
-    sample, after each solve, for the user to weight into the loss.
+    Hutchinson estimate), during the same solve and on its steps (an adaptive solver's error
+    control leaves them out: the steps and the result are those without them);
+    ``flow.regularization`` holds them, per sample, after each solve, for the user to weight
+    into the loss.
 
     ``trace_scale`` multiplies these scalar states inside the solve (and divides them out
     after), so the solver's absolute tolerance on them is ``atol / trace_scale`` while the
