@@ -11,6 +11,7 @@ import torch
 
 from .. import _checks, _training
 from ..flows import RECIPES
+from ..transforms.continuous import exact_traces
 from .data import load
 from .dequantization import KINDS
 from .fitting import Settings, fit_data
@@ -40,6 +41,9 @@ def add_parser(commands: argparse._SubParsersAction, positive_int) -> None:
     density.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     density.add_argument("--lr", type=float, default=defaults.lr)
     density.add_argument("--patience", type=positive_int, default=defaults.patience)
+    density.add_argument("--cnf-trace", default="exact", choices=["exact", "hutchinson"],
+                         help="a cnf's trace in training (FFJORD: hutchinson); validation "
+                         "and test use the exact trace")  # fmt: skip
     density.add_argument("--cnf-regularization", type=float, default=0.0, metavar="LAMBDA",
                          help="a cnf's RNODE weight in training: LAMBDA (kinetic "
                          "energy + Jacobian Frobenius norm) per row joins the loss; "
@@ -60,6 +64,10 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 "patience": args.patience, "seed": args.seed,
                 "regularization": args.cnf_regularization}  # fmt: skip
     options = {} if args.hidden is None else {"hidden_dims": tuple(args.hidden)}
+    if args.cnf_trace != "exact":
+        if args.flow != "cnf":
+            cli.error(f"--cnf-trace: the flow {args.flow!r} is not a cnf")
+        options["trace"] = args.cnf_trace
     try:
         device = _checks.device("device", args.device)
         data = load(args.data, seed=args.seed).to(device)
@@ -79,7 +87,7 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     figures = {}
     if test is not None:
         torch.manual_seed(args.seed)
-        with torch.no_grad():
+        with torch.no_grad(), exact_traces(model):
             log_p = model.log_prob(model.check(test, None, "test"), num_samples=args.eval_samples)
         figures = {"rows": len(test), "log_likelihood": log_p.mean().item(),
                    "log_likelihood_stderr": (log_p.std() / len(log_p) ** 0.5).item()}  # fmt: skip
