@@ -36,6 +36,7 @@ from .flows import RECIPES, build
 from .infer.weights import weighted_draws
 from .targets import Target
 from .targets import target as make_target
+from .transforms.continuous import exact_traces
 
 ESTIMATORS = ("standard", "stl", "dreg")
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -252,7 +253,7 @@ def fit(
 
     with solver.switched_on():
         losses, stopped = optimize(loss_at, transform, make_optimizer, steps, bar, sharded=True)
-    with torch.no_grad():
+    with torch.no_grad(), exact_traces(transform):  # Hutchinson's log q would bias the weights
         x = q.sample((num_eval,))
         log_q, values = q.log_prob(x), log_p(x)
     report = diagnostics.importance_diagnostics(values, log_q, warn=False)

@@ -372,3 +372,19 @@ def test_sample_command_passes_the_cnf_regularization(tmp_path, monkeypatch):
                      str(tmp_path)]) == 0  # fmt: skip
     assert calls[0]["regularization"] == 0.1
     assert json.loads((tmp_path / "diagnostics.json").read_text())["regularization"] == 0.1
+
+
+def test_the_diagnostics_of_a_cnf_trained_on_hutchinson_estimates_use_its_exact_trace():
+    """The evaluation draws are weighed with the exact log q (an estimated log-determinant
+    would bias log Z and k-hat): the recorded log q of each draw is its density recomputed
+    with the exact trace, and the layer keeps its training setting."""
+    with warnings.catch_warnings():  # five steps: a poor fit, which warns
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = pf.fit("banana", "cnf", steps=5, particles=32, num_eval=200, trace="hutchinson",
+                   progress=False)  # fmt: skip
+    layer = next(m for m in r.q.transforms[0].modules() if isinstance(m, pf.transforms.Continuous))
+    assert layer.trace == "hutchinson"
+    x, _, log_q = r._evaluation()
+    with torch.no_grad():
+        layer.trace = "exact"
+        torch.testing.assert_close(log_q, r.q.log_prob(x.clone()), rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import warnings
 import weakref
 
 import pyro
@@ -476,3 +477,32 @@ def test_chunked_iwae_loss_matches_unchunked_in_distribution(data):
     assert abs(a.mean() - b.mean()) < 4 * math.hypot(a.std(), b.std()) / 10
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         IWAE(num_particles=4, chunk_size=0)
+
+
+def test_evaluations_use_a_cnfs_exact_trace_whatever_it_trains_with(data):
+    """``log_marginal_likelihood`` and the draws behind the diagnostics weigh with the exact
+    ``log q`` of a CNF trained on Hutchinson's estimate (an estimated log-determinant biases
+    the weights): from one seed they equal the figures of the same layers set to exact, and
+    the layers keep their setting. Without the switch the probes make every call differ."""
+    encoder = nn.Sequential(nn.Linear(2, 8), nn.Tanh())
+    options = {"num_layers": 1, "hidden_dims": (8,), "trace": "hutchinson"}
+    guide = AmortizedFlowGuide(encoder, latent_dim=2, context_dim=8, flow="cnf", **options)
+    autoflow = AutoFlow(global_model, "cnf", **options)
+    autoflow(data)  # builds the flow
+    layers = [m for g in (guide, autoflow) for m in g.modules()
+              if isinstance(m, pf.transforms.Continuous)]  # fmt: skip
+    figures = {}
+    for trace in ("hutchinson", "exact"):
+        for layer in layers:
+            layer.trace = trace
+        with warnings.catch_warnings():  # an untrained guide: few effective samples
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pyro.set_rng_seed(1)
+            r = log_marginal_likelihood(local_model, guide, data, num_samples=40, chunk_size=20)
+        pyro.set_rng_seed(1)
+        idata = pf.diagnostics.to_inference_data(global_model, autoflow, data, num_samples=30)
+        log_w = torch.as_tensor(idata.sample_stats["log_importance_ratio"].values)
+        figures[trace] = (r.log_px, log_w.to(r.log_px.dtype))
+        assert [layer.trace for layer in layers] == [trace, trace]
+    for hutchinson, exact in zip(figures["hutchinson"], figures["exact"], strict=True):
+        torch.testing.assert_close(hutchinson, exact)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._repeated import repeated_draws
+from ..transforms.continuous import exact_traces
 from . import weights as w
 
 MIN_ESS = 10  # below this many effective samples an estimate gets a warning
@@ -59,6 +60,9 @@ def log_marginal_likelihood(
     importance ESS below ``MIN_ESS`` (10) for any estimate gives a :class:`RuntimeWarning`.
     For ``vae.model`` and ``vae.guide`` of a :class:`pyroflows.vae.VAE` the weights come from
     ``vae.log_weights`` without Pyro's tracing: the same weights from the same draws.
+    Continuous-time layers of ``model`` and ``guide`` (modules, or the objects of bound
+    methods) use their exact trace here, whatever they train with: Hutchinson's estimate of
+    ``log q`` would bias the weights.
 
     >>> import pyro, pyro.distributions as dist
     >>> from pyroflows import AutoFlow
@@ -74,33 +78,34 @@ def log_marginal_likelihood(
     _checks.positive_int("chunk_size", chunk_size)
     log_sum = log_sum_sq = None
     done, checked, total = 0, False, 0.0
-    direct = _direct_weights(model, guide, args, kwargs)
-    if direct is not None:
-        nesting = 0
-    elif max_plate_nesting is None:  # the run that finds the nesting gives the first sample
-        nesting, values = _first_sample(model, guide, args, kwargs)
-        log_sum, log_sum_sq, total = values[0], 2 * values[0], values[0]
-        done = 1
-    else:
-        nesting = _checks.nonnegative_int("max_plate_nesting", max_plate_nesting) + 1
-    while done < num_samples:
-        k = min(chunk_size, num_samples - done)
+    with exact_traces(model, guide):  # weights need the exact log q of a CNF
+        direct = _direct_weights(model, guide, args, kwargs)
         if direct is not None:
-            values = direct(k)
-        else:  # Pyro's checks on the first chunk; later ones run the same code on fresh samples
-            draw = _unchecked_traces if checked else w.traces
-            traces = draw(model, guide, args, kwargs, k, nesting)
-            checked = True
-            values = w.log_weights(*traces, nesting).values
-            del traces  # free this chunk's traces before the next chunk is drawn
-        total = total + values.sum(0)
-        chunk = (torch.logsumexp(values, 0), torch.logsumexp(2 * values, 0))
-        if log_sum is None:
-            log_sum, log_sum_sq = chunk
+            nesting = 0
+        elif max_plate_nesting is None:  # the run that finds the nesting gives the first sample
+            nesting, values = _first_sample(model, guide, args, kwargs)
+            log_sum, log_sum_sq, total = values[0], 2 * values[0], values[0]
+            done = 1
         else:
-            log_sum = torch.logaddexp(log_sum, chunk[0])
-            log_sum_sq = torch.logaddexp(log_sum_sq, chunk[1])
-        done += k
+            nesting = _checks.nonnegative_int("max_plate_nesting", max_plate_nesting) + 1
+        while done < num_samples:
+            k = min(chunk_size, num_samples - done)
+            if direct is not None:
+                values = direct(k)
+            else:  # Pyro's checks on the first chunk; later ones run the same code on fresh samples
+                draw = _unchecked_traces if checked else w.traces
+                traces = draw(model, guide, args, kwargs, k, nesting)
+                checked = True
+                values = w.log_weights(*traces, nesting).values
+                del traces  # free this chunk's traces before the next chunk is drawn
+            total = total + values.sum(0)
+            chunk = (torch.logsumexp(values, 0), torch.logsumexp(2 * values, 0))
+            if log_sum is None:
+                log_sum, log_sum_sq = chunk
+            else:
+                log_sum = torch.logaddexp(log_sum, chunk[0])
+                log_sum_sq = torch.logaddexp(log_sum_sq, chunk[1])
+            done += k
     ess = (2 * log_sum - log_sum_sq).exp()
     if num_samples > 1:
         stderr = ((num_samples / ess - 1).clamp_min(0) / num_samples).sqrt()

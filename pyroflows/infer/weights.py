@@ -40,6 +40,7 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
 
 from .._repeated import repeated_draws
+from ..transforms.continuous import exact_traces
 
 if TYPE_CHECKING:
     from .stopped import ModelGradientScale
@@ -297,7 +298,7 @@ def weighted_draws(
     >>> draws["z"].shape, log_w.shape, [s["name"] for s in sites]
     (torch.Size([7, 2, 3]), torch.Size([7]), ['z'])
     """
-    with torch.no_grad():
+    with torch.no_grad(), exact_traces(model, guide):  # the exact log q of a CNF
         one_model, one_guide = _one_run(model, guide, args, kwargs)
         nesting = _nesting(one_model, one_guide)
         sites = [

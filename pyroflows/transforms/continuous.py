@@ -286,15 +286,22 @@ def continuous_settings(module: nn.Module, **values: Any) -> Iterator[None]:
                 setattr(layer, name, value)
 
 
-def exact_traces(module: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Every :class:`Continuous` layer in ``module`` computes its exact trace inside the
-    block (for bounds, which an estimated log-determinant would bias), and its own setting
-    again after it.
+@contextlib.contextmanager
+def exact_traces(*owners: object) -> Iterator[None]:
+    """Every :class:`Continuous` layer in the modules ``owners`` (a bound method stands for
+    its object; anything else is passed over) computes its exact trace inside the block, and
+    its own setting again after it: for evaluations (bounds, importance weights), which an
+    estimated log-determinant would bias.
 
     >>> flow = Continuous(2, hidden_dims=(8,), trace="hutchinson")
-    >>> with exact_traces(flow):
+    >>> with exact_traces(flow, print):
     ...     inside = flow.trace
     >>> inside, flow.trace
     ('exact', 'hutchinson')
     """
-    return continuous_settings(module, trace="exact")
+    with contextlib.ExitStack() as stack:
+        for owner in owners:
+            owner = getattr(owner, "__self__", owner)
+            if isinstance(owner, nn.Module):
+                stack.enter_context(continuous_settings(owner, trace="exact"))
+        yield
