@@ -250,6 +250,25 @@ def test_rnode_regularization_keeps_a_cnf_smooth(tmp_path):
         fit_data(x, "maf", regularization=0.1)
 
 
+def test_the_dequantization_bound_weighs_a_cnf_with_its_exact_trace():
+    """With several noise draws the bound is a log-mean-exp of importance weights, which an
+    estimated log-determinant would bias: a ``cnf`` on Hutchinson's estimate gives the figures
+    of the same layer set to exact (one draw keeps the layer's own, unbiased estimate)."""
+    torch.manual_seed(0)
+    model = DensityModel(2, "cnf", 1, hidden_dims=(8,), trace="hutchinson", dequantize="uniform",
+                         levels=4)  # fmt: skip
+    layer = next(m for m in model.modules() if isinstance(m, pf.transforms.Continuous))
+    x = torch.randint(0, 4, (6, 2)).float()
+    figures = {}
+    with torch.no_grad():
+        for trace in ("hutchinson", "exact"):
+            layer.trace = trace
+            torch.manual_seed(1)
+            figures[trace] = model.log_prob(x, num_samples=3)
+            assert layer.trace == trace
+    torch.testing.assert_close(figures["hutchinson"], figures["exact"])
+
+
 def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
     x = torch.randn(100, 2)
     fit_data(x, "maf", num_layers=1, out=tmp_path, progress=False, epochs=1)

@@ -4,6 +4,7 @@ data."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..flows import RECIPES, build, conditioned
+from ..transforms.continuous import exact_traces
 from .dequantization import Dequantization, check_levels
 
 LOG_2 = math.log(2.0)
@@ -122,13 +124,15 @@ class DensityModel(nn.Module):
         self, x: Tensor, context: Tensor | None = None, num_samples: int = 1
     ) -> Tensor:  # fmt: skip
         """``log p(x)`` per row (nats); for discrete data the dequantization bound with
-        ``num_samples`` noise draws per row, ``log (1/K) Σ_k exp(...)``."""
+        ``num_samples`` noise draws per row, ``log (1/K) Σ_k exp(...)``, whose weights take a
+        ``cnf``'s exact trace for ``K > 1`` (an estimated log-determinant would bias them)."""
         _checks.positive_int("num_samples", num_samples)
         if not self.discrete:
             return self.distribution(context).log_prob(x)
         # the K draws side by side: (K, N, D) through the dequantizer and the flow
-        z, correction = self.dequantizer(x.expand(num_samples, *x.shape))
-        draws = self.distribution(context).log_prob(z) + correction
+        with exact_traces(self) if num_samples > 1 else contextlib.nullcontext():
+            z, correction = self.dequantizer(x.expand(num_samples, *x.shape))
+            draws = self.distribution(context).log_prob(z) + correction
         return torch.logsumexp(draws, 0) - math.log(num_samples)
 
     def bits_per_dim(
