@@ -407,6 +407,9 @@ def test_the_vae_command_trains_evaluates_and_resumes(tmp_path, capsys):
         main([*args, "--cnf-rank", "4"])
     assert "--cnf-rank: the posterior 'planar' is not a CNF" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main([*args, "--cnf-trace", "hutchinson"])
+    assert "--cnf-trace: the posterior 'planar' is not a CNF" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main([*args, "--cnf-regularization", "0.1"])
     assert "RNODE terms; the 'planar' posterior has no continuous layer" in capsys.readouterr().err
 

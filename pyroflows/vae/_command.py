@@ -94,6 +94,8 @@ def _run(cli: argparse.ArgumentParser, args: argparse.Namespace, device: torch.d
     try:
         data = load(args.data, binarize=args.binarize, seed=args.seed).to(device)
         torch.manual_seed(args.seed)
+        if args.cnf_trace != "exact" and args.flow != "cnf":
+            raise ValueError(f"--cnf-trace: the posterior {args.flow!r} is not a CNF")
         options = {"trace": args.cnf_trace} if args.flow == "cnf" else {}
         if args.cnf_rank:
             if args.flow != "cnf":
