@@ -27,7 +27,8 @@ is CUDA max allocated above what was allocated before (GPU), or the peak of torc
 allocations during one call (CPU).
 
 Reads ../shared/data/binarized_mnist.npz or ``--data`` (skips with a message where absent);
-prints a table and writes benchmarks/results/iwae_eval.json (iwae_eval-cuda.json on CUDA).
+prints a table and writes benchmarks/results/iwae_eval.json (iwae_eval-cuda.json on CUDA;
+``--name`` changes the name).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", type=Path, default=common.MNIST, help="default: %(default)s")
+    parser.add_argument("--name", default="iwae_eval",
+                        help="results/NAME.json (default: %(default)s)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", "log_marginal_likelihood: importance ESS")  # untrained
@@ -168,7 +171,7 @@ def main() -> None:
                                                       "samples", "chunk", "rounds")}  # fmt: skip
     settings["posterior"] = "2-layer IAF, width 300, untrained (timing only)"
     common.write(
-        "iwae_eval",
+        args.name,
         device,
         {"settings": settings, "rows": rows, "pyro_importance_ms_one_image": importance_ms},
         pyro=pyro.__version__,
