@@ -34,8 +34,14 @@ def fit_model(
     device: torch.device,
     progress: Callable,
     flow_options: dict[str, Any],
+    regularization: float = 0.0,
 ) -> dict[str, Any]:
     """Fit an AutoFlow to ``model(*args, **kwargs)``; the fields of a ``FitResult``."""
+    if regularization and estimator != "standard":
+        raise ValueError(
+            f"regularization with a Pyro model needs estimator 'standard', not {estimator!r}: "
+            "its stopped density solves again, after the solve that drew the particles"
+        )
     guide = AutoFlow(model, flow, num_layers, **flow_options)
     guide._pyro_name = f"pyroflows_fit_{next(_FITS)}"  # its own names in Pyro's param store
     with torch.no_grad():
@@ -56,16 +62,21 @@ def fit_model(
         raise ValueError(f"particles must be at least the number of processes ({world}), "
                          f"got {particles}")  # fmt: skip
     objective = IWAE(particles, "dreg") if estimator == "dreg" else ELBO(share, estimator)
+    solver = _training.SolverTerms(guide, regularization, f"{flow!r} guide")
 
     def loss_at(step: int) -> tuple[Tensor, str | None]:
         loss = objective.differentiable_loss(model, guide, *args, **kwargs)
-        return loss * (share / particles), None  # summed over the ranks: the mean over all
+        loss = loss * (share / particles)  # summed over the ranks: the mean over all
+        if regularization:  # the one solve, which drew the particles: in the gradient alone
+            penalty = solver.penalty().sum() / particles
+            loss = loss + (penalty - penalty.detach())
+        return loss, None
 
     # with several processes each rank draws its own particles (Pyro makes the guide's draws
     # inside its trace, so they cannot be shared out), from a stream forked off the common
     # seed; the common stream continues afterwards, so every rank evaluates the fit alike
     own = torch.randint(2**62, ()).item() + rank if world > 1 else None
-    with seeded(own, device):
+    with seeded(own, device), solver.switched_on():
         losses, stopped = optimize(loss_at, guide, make_optimizer, steps, progress,
                                    sharded=world > 1)  # fmt: skip
     samples, log_w, _ = w.weighted_draws(model, guide, args, kwargs, num_eval)

@@ -172,7 +172,8 @@ def fit(
     steps, fitting ``p^β N(0, I)^(1-β)``: tempering from the flow's base to the target (log
     densities only); ``regularization`` λ adds a ``cnf``'s RNODE terms (Finlay et al., 2020),
     λ (kinetic energy + Jacobian Frobenius norm) per draw, to the gradient, not to the
-    recorded loss, keeping the dynamics non-stiff (log densities only);
+    recorded loss, keeping the dynamics non-stiff (for a Pyro model with the ``"standard"``
+    estimator);
     ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
     to :func:`pyroflows.build`. See the module docstring for non-finite values. Run under
     ``torchrun``, the particles are shared out over the processes (a Pyro model's drawn
@@ -207,14 +208,13 @@ def fit(
         return trange(n, disable=not progress, desc=f"fitting {flow}")
 
     if dim is None:  # a Pyro model
-        for name, value in (("warmup_steps", warmup_steps), ("regularization", regularization)):
-            if value:
-                raise ValueError(f"{name} applies to log densities, not to Pyro models")
+        if warmup_steps:
+            raise ValueError("warmup_steps applies to log densities, not to Pyro models")
         fields = fit_model(
             log_p, flow, args=tuple(model_args), kwargs=model_kwargs, num_layers=num_layers,
             steps=steps, particles=particles, make_optimizer=make_optimizer,
             estimator=estimator, num_eval=num_eval, device=device, progress=bar,
-            flow_options=flow_options,
+            flow_options=flow_options, regularization=regularization,
         )  # fmt: skip
         result = FitResult(**fields, _model_call=(log_p, tuple(model_args), model_kwargs))
         _warn_if_unreliable(result.diagnostics)
