@@ -37,11 +37,6 @@ def fit_model(
     regularization: float = 0.0,
 ) -> dict[str, Any]:
     """Fit an AutoFlow to ``model(*args, **kwargs)``; the fields of a ``FitResult``."""
-    if regularization and estimator != "standard":
-        raise ValueError(
-            f"regularization with a Pyro model needs estimator 'standard', not {estimator!r}: "
-            "its stopped density solves again, after the solve that drew the particles"
-        )
     guide = AutoFlow(model, flow, num_layers, **flow_options)
     guide._pyro_name = f"pyroflows_fit_{next(_FITS)}"  # its own names in Pyro's param store
     with torch.no_grad():
@@ -67,7 +62,7 @@ def fit_model(
     def loss_at(step: int) -> tuple[Tensor, str | None]:
         loss = objective.differentiable_loss(model, guide, *args, **kwargs)
         loss = loss * (share / particles)  # summed over the ranks: the mean over all
-        if regularization:  # the one solve, which drew the particles: in the gradient alone
+        if regularization:  # the solve that drew the particles: in the gradient alone
             penalty = solver.penalty().sum() / particles
             loss = loss + (penalty - penalty.detach())
         return loss, None

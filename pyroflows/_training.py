@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,21 @@ class SolverTerms:
     2020) for the loss and the solver's evaluations per batch for the record.
 
     ``strength`` λ weighs the kinetic energy plus the Jacobian's squared Frobenius norm of
-    each row (summed over the layers): :meth:`penalty` is what joins the loss. Training steps
-    run inside :meth:`switched_on`, which sets ``regularize`` on the layers only while
-    ``strength`` is positive and restores it after. A positive ``strength`` for a module
+    each row (summed over the layers): :meth:`penalty`, read once per training step, is what
+    joins the loss. Training steps run inside :meth:`switched_on`, which, while ``strength``
+    is positive, sets ``regularize`` on the layers and has them keep the terms of a step's
+    first solve (the one that drew or scored the batch; STL and DReG solve again with
+    stopped parameters), and restores them after. A positive ``strength`` for a module
     without continuous layers is an error naming ``what`` the module is.
 
     >>> from pyroflows.transforms import Continuous
     >>> flow = Continuous(2, hidden_dims=(8,))
     >>> terms = SolverTerms(flow, 0.1, "flow")
     >>> with terms.switched_on():
-    ...     _ = flow(torch.randn(5, 2))
-    >>> terms.penalty().shape, flow.regularize, terms.record([20, 26])
+    ...     first = flow(torch.randn(5, 2))
+    ...     second = flow(torch.randn(3, 2))  # a later solve of the same step
+    ...     penalty = terms.penalty()
+    >>> penalty.shape, flow.regularize, terms.record([20, 26])
     (torch.Size([5]), False, {'nfe_mean': 23.0, 'nfe_max': 26})
     """
 
@@ -66,14 +71,28 @@ class SolverTerms:
                 "continuous layer (use the 'cnf' recipe, or set regularization=0)"
             )
 
-    def switched_on(self) -> contextlib.AbstractContextManager[None]:
-        return continuous_settings(self.module, **({"regularize": True} if self.strength else {}))
+    @contextlib.contextmanager
+    def switched_on(self) -> Iterator[None]:
+        if not self.strength:
+            yield
+            return
+        before = [m.first_terms_only for m in self.layers]
+        with continuous_settings(self.module, regularize=True):
+            for layer in self.layers:
+                layer.first_terms_only, layer.regularization = True, {}
+            try:
+                yield
+            finally:
+                for layer, first in zip(self.layers, before, strict=True):
+                    layer.first_terms_only = first
 
     def penalty(self) -> Tensor:
-        """``strength`` times each row's terms from the layers' last solves."""
-        return self.strength * sum(
-            m.regularization["kinetic"] + m.regularization["jacobian"] for m in self.layers
-        )
+        """``strength`` times each row's terms from the layers' first solves since the last
+        call (which clears them for the next step)."""
+        terms = [m.regularization for m in self.layers]
+        for layer in self.layers:
+            layer.regularization = {}
+        return self.strength * sum(t["kinetic"] + t["jacobian"] for t in terms)
 
     def evaluations(self) -> int:
         """The layers' function evaluations in their last forward solves."""

@@ -172,8 +172,7 @@ def fit(
     steps, fitting ``p^β N(0, I)^(1-β)``: tempering from the flow's base to the target (log
     densities only); ``regularization`` λ adds a ``cnf``'s RNODE terms (Finlay et al., 2020),
     λ (kinetic energy + Jacobian Frobenius norm) per draw, to the gradient, not to the
-    recorded loss, keeping the dynamics non-stiff (for a Pyro model with the ``"standard"``
-    estimator);
+    recorded loss, keeping the dynamics non-stiff;
     ``num_eval`` draws for the diagnostics; ``seed`` sets torch's seed; ``flow_options`` go
     to :func:`pyroflows.build`. See the module docstring for non-finite values. Run under
     ``torchrun``, the particles are shared out over the processes (a Pyro model's drawn

@@ -146,6 +146,9 @@ class Continuous(Flow):
         self.adjoint, self.checkpoint, self.regularize = adjoint, checkpoint, regularize
         self._gradient_mode()
         self.regularization: dict[str, Tensor] = {}
+        # a training step's terms come from its first solve (the one that drew or scored the
+        # batch), not from a later one with stopped parameters: see _training.SolverTerms
+        self.first_terms_only = False
         self._solve: AugmentedDynamics | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -250,7 +253,7 @@ class Continuous(Flow):
         solve.calls_in_solve = solve.calls
         self._solve = solve
         final = [final[0], *(s / self.trace_scale for s in final[1:])]
-        if self.regularize:
+        if self.regularize and not (self.first_terms_only and self.regularization):
             sign = -1.0 if reverse else 1.0
             self.regularization = {"kinetic": sign * final[2], "jacobian": sign * final[3]}
         return final[0], final[1]
