@@ -60,6 +60,7 @@ def main() -> None:
         terms = SolverTerms(model, strength, "model")
         model.zero_grad(set_to_none=True)
         with terms.switched_on():
+            terms.start_step()
             nll = -model.log_prob(batch).mean()
             (nll + terms.penalty().mean() if strength else nll).backward()
 

@@ -60,6 +60,7 @@ def fit_model(
     solver = _training.SolverTerms(guide, regularization, f"{flow!r} guide")
 
     def loss_at(step: int) -> tuple[Tensor, str | None]:
+        solver.start_step()
         loss = objective.differentiable_loss(model, guide, *args, **kwargs)
         loss = loss * (share / particles)  # summed over the ranks: the mean over all
         if regularization:  # the solve that drew the particles: in the gradient alone

@@ -44,17 +44,18 @@ class SolverTerms:
     2020) for the loss and the solver's evaluations per batch for the record.
 
     ``strength`` λ weighs the kinetic energy plus the Jacobian's squared Frobenius norm of
-    each row (summed over the layers): :meth:`penalty`, read once per training step, is what
-    joins the loss. Training steps run inside :meth:`switched_on`, which, while ``strength``
-    is positive, sets ``regularize`` on the layers and has them keep the terms of a step's
-    first solve (the one that drew or scored the batch; STL and DReG solve again with
-    stopped parameters), and restores them after. A positive ``strength`` for a module
+    each row (summed over the layers): :meth:`penalty` is what joins the loss. Training runs
+    inside :meth:`switched_on`, which, while ``strength`` is positive, sets ``regularize`` on
+    the layers and has them keep the terms of the first solve after each
+    :meth:`start_step` (the solve that draws or scores the batch; STL and DReG solve again
+    with stopped parameters), and restores them after. A positive ``strength`` for a module
     without continuous layers is an error naming ``what`` the module is.
 
     >>> from pyroflows.transforms import Continuous
     >>> flow = Continuous(2, hidden_dims=(8,))
     >>> terms = SolverTerms(flow, 0.1, "flow")
     >>> with terms.switched_on():
+    ...     terms.start_step()
     ...     first = flow(torch.randn(5, 2))
     ...     second = flow(torch.randn(3, 2))  # a later solve of the same step
     ...     penalty = terms.penalty()
@@ -79,20 +80,23 @@ class SolverTerms:
         before = [m.first_terms_only for m in self.layers]
         with continuous_settings(self.module, regularize=True):
             for layer in self.layers:
-                layer.first_terms_only, layer.regularization = True, {}
+                layer.first_terms_only = True
             try:
                 yield
             finally:
                 for layer, first in zip(self.layers, before, strict=True):
                     layer.first_terms_only = first
 
-    def penalty(self) -> Tensor:
-        """``strength`` times each row's terms from the layers' first solves since the last
-        call (which clears them for the next step)."""
-        terms = [m.regularization for m in self.layers]
+    def start_step(self) -> None:
+        """The next solve of each layer is a new training step's first."""
         for layer in self.layers:
             layer.regularization = {}
-        return self.strength * sum(t["kinetic"] + t["jacobian"] for t in terms)
+
+    def penalty(self) -> Tensor:
+        """``strength`` times each row's terms from the layers' first solves of this step."""
+        return self.strength * sum(
+            m.regularization["kinetic"] + m.regularization["jacobian"] for m in self.layers
+        )
 
     def evaluations(self) -> int:
         """The layers' function evaluations in their last forward solves."""

@@ -232,6 +232,7 @@ def fit(
     solver = SolverTerms(transform, regularization, f"{flow!r} flow")
 
     def loss_at(step: int) -> tuple[Tensor, str | None]:
+        solver.start_step()
         # the same base draws on every rank, each rank its share of them (all, alone)
         x = transform(density.base.rsample((particles,))[rank::world])
         # RNODE's terms from the solve that drew x (a stopped density below solves again)

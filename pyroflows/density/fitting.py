@@ -180,6 +180,7 @@ def _train(model, train, context, valid, valid_context, config, out, resume, pro
             for step, (x, c) in enumerate(batches):
                 if not isinstance(train, Tensor):
                     x = model.check(x, c)
+                solver.start_step()
                 nll = -model.log_prob(x, c).mean()
                 if not torch.isfinite(nll):
                     result.stopped = (f"non-finite loss {nll.item()} at epoch {epoch + 1}, "

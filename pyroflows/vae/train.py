@@ -151,6 +151,7 @@ def train(
                 beta = min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0
                 # the same noise on every rank
                 noise = torch.randn(len(batch), vae.latent_dim, device=batch.device)
+                solver.start_step()
                 loss, value = _batch_loss(net, batch, noise, beta, config.free_bits, rank,
                                           world, solver)
                 if not math.isfinite(value):
