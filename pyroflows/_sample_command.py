@@ -81,7 +81,6 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             target = posteriors.POSTERIORS[args.target](args.device)
         else:
             target = targets.target(args.target, args.dim)
-        args.out.mkdir(parents=True, exist_ok=True)
         fits = [
             fit(
                 target, args.flow, num_layers=args.layers, steps=args.steps,
@@ -92,6 +91,7 @@ def run(cli: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             )
             for i in range(args.repeats)
         ]  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)  # once the fits have run
     except (ValueError, OSError) as error:
         cli.error(str(error))
     r = fits[0]
