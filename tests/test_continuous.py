@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pytest
 import torch
+from devices import GPU, needs_gpu
 
 import pyroflows as pf
 from pyroflows.transforms import Continuous
@@ -310,12 +311,12 @@ def test_cnf_recipe_fits_a_2d_density():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_hutchinson_and_adjoint_on_cuda(adjoint):
-    flow = make(trace="hutchinson", adjoint=adjoint, context_dim=2).cuda()
-    x = torch.randn(16, 3, dtype=f64, device="cuda")
-    context = torch.randn(16, 2, dtype=f64, device="cuda")
+    flow = make(trace="hutchinson", adjoint=adjoint, context_dim=2).to(GPU)
+    x = torch.randn(16, 3, dtype=f64, device=GPU)
+    context = torch.randn(16, 2, dtype=f64, device=GPU)
     y, ladj = flow.condition(context).call_and_ladj(x)
     (y.sum() + ladj.sum()).backward()
-    assert y.device.type == "cuda" and all(p.grad.device.type == "cuda" for p in flow.parameters())
+    assert y.device.type == GPU and all(p.grad.device.type == GPU for p in flow.parameters())

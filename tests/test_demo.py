@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from devices import GPU, needs_gpu
 
 from pyroflows.cli import main
 from pyroflows.demo import BANANA_LOG_Z, banana_log_density, run_demo
@@ -89,9 +90,9 @@ def test_tests_run_on_one_thread():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 @pytest.mark.parametrize("name", ["planar", "iaf", "cnf"])
 def test_cli_demo_on_cuda(name, tmp_path, capsys):
-    args = ["demo", "--flow", name, "--steps", "20", "--device", "cuda", "--vae-epochs", "1"]
+    args = ["demo", "--flow", name, "--steps", "20", "--device", GPU, "--vae-epochs", "1"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     assert "test NLL" in capsys.readouterr().out and (tmp_path / "banana.png").stat().st_size > 0

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from devices import GPU, needs_gpu
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyroflows as pf
@@ -334,19 +335,19 @@ def test_loading_data_for_density_estimation(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 @pytest.mark.parametrize("dequantize", [None, "variational"])
 def test_fit_data_on_cuda(dequantize):
     x = torch.randint(0, 4, (200, 3)).float()
     result = fit_data(x, "maf", num_layers=2, dequantize=dequantize,
-                      levels=4 if dequantize else None, device="cuda", progress=False,
+                      levels=4 if dequantize else None, device=GPU, progress=False,
                       **QUICK)  # fmt: skip
-    assert result.model.loc.is_cuda and result.model.sample(5).is_cuda
-    assert math.isfinite(result.model.bits_per_dim(x.cuda()))
+    assert result.model.loc.device.type == result.model.sample(5).device.type == GPU
+    assert math.isfinite(result.model.bits_per_dim(x.to(GPU)))
     assert pf.fit_data is fit_data
-    fit = fit_data(torch.randn(200, 2), "cnf", num_layers=1, hidden_dims=(8,), device="cuda",
+    fit = fit_data(torch.randn(200, 2), "cnf", num_layers=1, hidden_dims=(8,), device=GPU,
                    regularization=0.1, progress=False, **QUICK)  # fmt: skip
-    assert fit.model.loc.is_cuda and fit.history[-1]["nfe_mean"] > 0
+    assert fit.model.loc.device.type == GPU and fit.history[-1]["nfe_mean"] > 0
 
 
 def test_the_density_command_fits_reports_and_resumes(tmp_path, capsys):

@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from devices import GPU, needs_gpu
 from torch.distributions import constraints
 
 import pyroflows as pf
@@ -285,13 +286,13 @@ def test_sample_command_refuses_bad_input(capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 @pytest.mark.parametrize("flow", ["realnvp", "iaf", "cnf"])
 def test_fit_on_cuda(flow):
     options = {"rtol": 1e-3, "atol": 1e-4, "regularization": 0.01} if flow == "cnf" else {}
-    r = pf.fit("funnel", flow, dim=4, steps=5, num_eval=100, progress=False, device="cuda",
+    r = pf.fit("funnel", flow, dim=4, steps=5, num_eval=100, progress=False, device=GPU,
                estimator="stl", **options)  # fmt: skip
-    assert r.sample((3,)).device.type == "cuda" and len(r.losses) == 5
+    assert r.sample((3,)).device.type == GPU and len(r.losses) == 5
 
 
 def test_fits_of_models_keep_the_param_store_and_do_not_clash():

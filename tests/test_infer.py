@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from devices import GPU, needs_gpu
 from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO
 from torch import nn
 
@@ -341,35 +342,35 @@ def test_encoder_output_size_is_checked():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 @pytest.mark.parametrize("name", list(pf.flows.RECIPES))
 def test_autoflow_and_evaluation_follow_the_model_to_cuda(name, data):
-    x = data.cuda()
+    x = data.to(GPU)
     guide = AutoFlow(global_model, flow=name)
     fit(guide, global_model, x, steps=5)
-    assert all(p.device.type == "cuda" for p in guide.parameters())
+    assert all(p.device.type == GPU for p in guide.parameters())
     result = log_marginal_likelihood(global_model, guide, x, num_samples=1000)
-    assert result.log_px.device.type == "cuda"
+    assert result.log_px.device.type == GPU
     IWAE(num_particles=8, estimator="dreg").loss_and_grads(global_model, guide, x)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 @pytest.mark.parametrize("name", ["iaf", "sylvester-h", "cnf"])
 def test_amortized_guide_objectives_and_evaluation_on_cuda(name, data):
-    x = data.cuda()
+    x = data.to(GPU)
     encoder = nn.Sequential(nn.Linear(2, 8), nn.Tanh())
     options = {"hidden_dims": (8,), "trace": "hutchinson"} if name == "cnf" else {}
-    guide = AmortizedFlowGuide(encoder, 2, 8, flow=name, **options).cuda()
+    guide = AmortizedFlowGuide(encoder, 2, 8, flow=name, **options).to(GPU)
     for loss in (
         IWAE(num_particles=8, estimator="dreg", chunk_size=3),
         ELBO(num_particles=4, estimator="stl", free_bits=0.1),
     ):
         guide.zero_grad()
         assert math.isfinite(loss.loss_and_grads(local_model, guide, x))
-        assert all(p.grad.device.type == "cuda" for p in guide.parameters())
+        assert all(p.grad.device.type == GPU for p in guide.parameters())
     result = log_marginal_likelihood(local_model, guide, x, num_samples=64, chunk_size=16)
-    assert result.log_px.device.type == "cuda" and result.log_px.shape == (10,)
+    assert result.log_px.device.type == GPU and result.log_px.shape == (10,)
 
 
 def test_kl_warmup_scales_the_kl_linearly_and_matches_the_analytic_kl(data):

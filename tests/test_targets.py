@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from devices import GPU, needs_gpu
 
 from pyroflows import targets
 from pyroflows.targets import TARGETS, target
@@ -120,11 +121,11 @@ def test_bad_names_and_sizes_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_targets_on_cuda(name):
-    t = target(name).cuda()
-    x = torch.randn(5, t.dim, device="cuda")
-    assert t.log_prob(x).device.type == "cuda"
+    t = target(name).to(GPU)
+    x = torch.randn(5, t.dim, device=GPU)
+    assert t.log_prob(x).device.type == GPU
     if name in SAMPLERS:
-        assert t.sample((5,)).device.type == "cuda"
+        assert t.sample((5,)).device.type == GPU

@@ -11,6 +11,7 @@ import pickle
 import pyro.distributions as dist
 import pytest
 import torch
+from devices import GPU, needs_gpu
 from pyro.distributions.conditional import ConditionalTransformedDistribution
 from registry import CASES, DIM, Case, clear, transform_for
 
@@ -199,15 +200,15 @@ def test_log_prob_in_pyro_distribution(case: Case):
 
 @over_cases
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 def test_on_cuda(case: Case):
-    flow = case.build().cuda()
+    flow = case.build().to(GPU)
     context = case.context(5)
-    t = transform_for(flow, None if context is None else context.cuda())
-    x = torch.randn(5, DIM, dtype=f64, device="cuda")
+    t = transform_for(flow, None if context is None else context.to(GPU))
+    x = torch.randn(5, DIM, dtype=f64, device=GPU)
     y = t(x)
     ladj = t.log_abs_det_jacobian(x, y)
-    assert y.device.type == ladj.device.type == "cuda"
+    assert y.device.type == ladj.device.type == GPU
     clear(t)
     torch.testing.assert_close(t.inv(y.clone()), x, atol=case.tol, rtol=case.tol)
 

@@ -9,6 +9,7 @@ import math
 import pyro
 import pytest
 import torch
+from devices import GPU, needs_gpu
 from torch import nn
 
 import pyroflows as pf
@@ -332,11 +333,10 @@ def test_early_stopping_keeps_the_best_epoch(digits):
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_training_and_evaluation_run_on_cuda(digits, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    data = _tiny(digits).to("cuda")
-    vae = VAE(data.image_shape, flow="iaf", num_layers=2, **SMALL).to("cuda")
+    data = _tiny(digits).to(GPU)
+    vae = VAE(data.image_shape, flow="iaf", num_layers=2, **SMALL).to(GPU)
     run = train(vae, data, epochs=2, batch_size=40, out=tmp_path, progress=False)
     resumed = train(vae, data, epochs=3, batch_size=40, out=tmp_path, resume=True,
                     progress=False)  # fmt: skip
