@@ -63,9 +63,8 @@ def fit_model(
         solver.start_step()
         loss = objective.differentiable_loss(model, guide, *args, **kwargs)
         loss = loss * (share / particles)  # summed over the ranks: the mean over all
-        if regularization:  # the solve that drew the particles: in the gradient alone
-            penalty = solver.penalty().sum() / particles
-            loss = loss + (penalty - penalty.detach())
+        if regularization:  # the terms of the solve that drew the particles, in the gradient
+            loss = loss + solver.gradient_only(particles)
         return loss, None
 
     # with several processes each rank draws its own particles (Pyro makes the guide's draws

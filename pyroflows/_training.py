@@ -98,6 +98,12 @@ class SolverTerms:
             m.regularization["kinetic"] + m.regularization["jacobian"] for m in self.layers
         )
 
+    def gradient_only(self, rows: int) -> Tensor:
+        """The penalty summed and divided by ``rows`` as a zero that carries its gradient: for
+        a loss whose recorded value leaves the penalty out."""
+        penalty = self.penalty().sum() / rows
+        return penalty - penalty.detach()
+
     def evaluations(self) -> int:
         """The layers' function evaluations in their last forward solves."""
         return sum(m.nfe_forward for m in self.layers)

@@ -235,8 +235,6 @@ def fit(
         solver.start_step()
         # the same base draws on every rank, each rank its share of them (all, alone)
         x = transform(density.base.rsample((particles,))[rank::world])
-        # RNODE's terms from the solve that drew x (a stopped density below solves again)
-        penalty = solver.penalty().sum() / particles if regularization else None
         log_q = stopped_log_prob(q, x) if estimator == "stl" else q.log_prob(x)
         if log_q is None:  # a layer without a score pullback: the density, parameters swapped
             stopped_params = {k: v.detach() for k, v in density.named_parameters()}
@@ -247,8 +245,8 @@ def fit(
         if beta < 1.0:  # the target p^β base^(1-β): from the flow's base to p
             target_values = beta * target_values + (1 - beta) * density.base.log_prob(x)
         loss = (log_q - target_values).sum() / particles  # summed over the ranks
-        if penalty is not None:  # in the gradient, not in the value
-            loss = loss + (penalty - penalty.detach())
+        if regularization:  # the terms of the solve that drew x, in the gradient alone
+            loss = loss + solver.gradient_only(particles)
         return loss, problem
 
     with solver.switched_on():
