@@ -326,6 +326,17 @@ def test_tempering_goes_from_the_base_to_the_target():
     assert abs(r.diagnostics.log_z - target.log_z) < 3 * r.diagnostics.log_z_stderr + 0.01
 
 
+def _rnode_terms(module: torch.nn.Module) -> float:
+    """The mean kinetic energy plus Jacobian norm of the 2-D CNF in ``module`` over fixed
+    draws, after checking that training left its settings as they were."""
+    layer = next(m for m in module.modules() if isinstance(m, pf.transforms.Continuous))
+    assert not layer.regularize and not layer.first_terms_only
+    layer.regularize = True
+    with torch.no_grad():
+        layer(torch.randn(500, 2, generator=torch.Generator().manual_seed(1)))
+    return sum(v.mean().item() for v in layer.regularization.values())
+
+
 def test_rnode_regularization_smooths_a_cnf_and_stays_out_of_the_loss():
     """λ (kinetic energy + Jacobian Frobenius norm) per draw joins the gradient: fitted with
     it, the CNF moves and bends its draws far less, with STL too (whose stopped density
@@ -336,14 +347,8 @@ def test_rnode_regularization_smooths_a_cnf_and_stays_out_of_the_loss():
     for strength, estimator in ((0.0, "standard"), (1.0, "standard"), (1.0, "stl")):
         r = pf.fit("banana", "cnf", steps=60, particles=64, num_eval=200, estimator=estimator,
                    regularization=strength, seed=0, progress=False)  # fmt: skip
-        layer = next(m for m in r.q.transforms[0].modules()
-                     if isinstance(m, pf.transforms.Continuous))  # fmt: skip
-        assert not layer.regularize and not layer.first_terms_only
-        layer.regularize = True
-        with torch.no_grad():
-            layer(torch.randn(500, 2, generator=torch.Generator().manual_seed(1)))
         runs[strength, estimator] = r
-        energy[strength, estimator] = sum(v.mean().item() for v in layer.regularization.values())
+        energy[strength, estimator] = _rnode_terms(r.q.transforms[0])
     for estimator in ("standard", "stl"):
         assert energy[1.0, estimator] < 0.3 * energy[0.0, "standard"], estimator
     regularized, plain = runs[1.0, "standard"].losses, runs[0.0, "standard"].losses
@@ -370,13 +375,8 @@ def test_rnode_regularization_of_a_pyro_models_cnf_guide():
                                 (1.0, "dreg")):  # fmt: skip
         r = pf.fit(model, "cnf", steps=40, particles=32, num_eval=200, estimator=estimator,
                    regularization=strength, seed=0, progress=False)  # fmt: skip
-        layer = next(m for m in r.guide.modules() if isinstance(m, pf.transforms.Continuous))
-        assert not layer.regularize and not layer.first_terms_only
-        layer.regularize = True
-        with torch.no_grad():
-            layer(torch.randn(500, 2, generator=torch.Generator().manual_seed(1)))
         runs[strength, estimator] = r
-        energy[strength, estimator] = sum(v.mean().item() for v in layer.regularization.values())
+        energy[strength, estimator] = _rnode_terms(r.guide)
     for estimator in ("standard", "stl", "dreg"):  # 0.07-0.14 of it here
         assert energy[1.0, estimator] < 0.3 * energy[0.0, "standard"], estimator
     assert runs[1.0, "standard"].losses[0] == runs[0.0, "standard"].losses[0]
