@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,20 +71,9 @@ class SolverTerms:
                 "continuous layer (use the 'cnf' recipe, or set regularization=0)"
             )
 
-    @contextlib.contextmanager
-    def switched_on(self) -> Iterator[None]:
-        if not self.strength:
-            yield
-            return
-        before = [m.first_terms_only for m in self.layers]
-        with continuous_settings(self.module, regularize=True):
-            for layer in self.layers:
-                layer.first_terms_only = True
-            try:
-                yield
-            finally:
-                for layer, first in zip(self.layers, before, strict=True):
-                    layer.first_terms_only = first
+    def switched_on(self) -> contextlib.AbstractContextManager[None]:
+        on = {"regularize": True, "first_terms_only": True} if self.strength else {}
+        return continuous_settings(self.module, **on)
 
     def start_step(self) -> None:
         """The next solve of each layer is a new training step's first."""
