@@ -42,6 +42,8 @@ step eval_chunks 40 python benchmarks/eval_chunks.py --device "$device" --rounds
 step guides 50 python benchmarks/guides.py --device "$device" --rounds 5 --steps 10 --threads 1
 step transforms 50 python benchmarks/transforms.py --device "$device" --rounds 5 --calls 10
 step cnf 75 python benchmarks/cnf.py --device "$device" --steps 5
+step cnf_trace 30 python benchmarks/cnf_trace.py --device "$device" --rounds 3 --steps 3 \
+    --pretrain 50
 step density 40 python benchmarks/density.py --device "$device" --epochs 1 --flows maf nsf-coupling
 step cnf_regularization 30 python benchmarks/cnf_regularization.py --device "$device" \
     --epochs 2 --rows 2000 --rounds 3

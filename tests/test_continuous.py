@@ -9,6 +9,7 @@ from devices import GPU, needs_gpu
 
 import pyroflows as pf
 from pyroflows.transforms import Continuous
+from pyroflows.transforms.dynamics import AugmentedDynamics, Dynamics
 
 f64 = torch.float64
 
@@ -253,6 +254,41 @@ def test_bad_trace_assignment_and_context_shape():
         flow.rtol = -1.0
     with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 3\)"):
         flow.condition(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "elu"])
+@pytest.mark.parametrize("hidden", [(), (7,), (7, 5)])
+@pytest.mark.parametrize("rank, context_dim", [(0, 0), (0, 3), (2, 3)])
+def test_closed_form_trace_equals_the_jacobians(activation, hidden, rank, context_dim):
+    """The exact trace from the activations' slopes (networks of up to two hidden layers)
+    equals the trace of the rows of ``∂f/∂z`` from autograd, in value and in the gradients to
+    every parameter, the state and the context; particles broadcast over per-sample weights,
+    and inputs far out saturate the activations (softplus past its linear threshold)."""
+    torch.manual_seed(0)
+    f = Dynamics(4, context_dim, hidden, activation, 2, 1.3, True, rank).double()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    z = torch.randn(3, 6, 4, dtype=f64)
+    z[0, 0] *= 30.0
+    z.requires_grad_(True)
+    c = torch.randn(6, context_dim, dtype=f64, requires_grad=True) if context_dim else None
+    inputs = [*f.parameters(), z, *([c] if context_dim else [])]
+    s, results = torch.tensor(0.37, dtype=f64), []
+    for closed_form in (True, False):
+        rhs = AugmentedDynamics(f, c, True, "exact", None, regularize=False, scale=1.0)
+        assert rhs.closed_form
+        rhs.closed_form = closed_form  # False: the rows, one vector-Jacobian product each
+        velocity, trace = rhs(s, (z, torch.zeros(3, 6, dtype=f64)))
+        loss = (trace * torch.linspace(-1, 2, 18, dtype=f64).reshape(3, 6)).sum()
+        results.append((trace, *torch.autograd.grad(loss + velocity.square().sum(), inputs)))
+    for closed, rows in zip(*results, strict=True):
+        torch.testing.assert_close(closed, rows, rtol=1e-10, atol=1e-10)
+
+
+def test_deeper_dynamics_take_the_rows():
+    f = Dynamics(4, 0, (6, 5, 4), "tanh", 2, 1.0, False)
+    assert not AugmentedDynamics(f, None, True, "exact", None, False, 1.0).closed_form
 
 
 def test_low_rank_dynamics_are_per_sample_linear_layers():

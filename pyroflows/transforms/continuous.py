@@ -65,12 +65,13 @@ class Continuous(Flow):
     (one state per step in memory and one function evaluation's graph at a time: each
     accepted step of an adaptive method is taken backwards as one step of the same tableau on
     the adjoint system, as zuko does; fixed steps are replayed, giving the default's
-    gradient). The trace is ``trace="exact"`` (one vector-Jacobian product per dimension) or
-    ``"hutchinson"`` (``E[εᵀ ∂f/∂z ε]`` with one Rademacher or Gaussian probe ``ε`` held fixed
-    within a solve, FFJORD's unbiased estimate). Set ``flow.trace = "exact"`` (or use
-    :func:`exact_traces` for a block) to evaluate exactly after training with Hutchinson: the
-    solver settings are plain attributes, checked when set, and setting one invalidates the
-    cached solve.
+    gradient). The trace is ``trace="exact"`` (in closed form from the activations' slopes
+    where ``f`` has at most two hidden layers, no derivative taken; one vector-Jacobian product
+    per dimension for deeper networks) or ``"hutchinson"`` (``E[εᵀ ∂f/∂z ε]`` with one
+    Rademacher or Gaussian probe ``ε`` held fixed within a solve, FFJORD's unbiased estimate).
+    Set ``flow.trace = "exact"`` (or use :func:`exact_traces` for a block) to evaluate exactly
+    after training with Hutchinson: the solver settings are plain attributes, checked when set,
+    and setting one invalidates the cached solve.
 
     ``f`` is an MLP (``hidden_dims``, ``activation`` in ``tanh``, ``softplus``, ``elu``) on ``z``,
     Fourier features of ``t`` and, with ``context_dim > 0``, the context (amortized dynamics:

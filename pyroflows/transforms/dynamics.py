@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,15 @@ from ..nn import mlp
 # the context's contribution to the dynamics: a first-layer term, or each layer's (U, V, b)
 Context = Tensor | list[tuple[Tensor, Tensor, Tensor]] | None
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+# each activation's derivative from its module, input and output (softplus is linear past
+# its threshold, ELU's negative part is α(eᵃ - 1))
+SLOPES: dict[type[nn.Module], Callable[[Any, Tensor, Tensor], Tensor]] = {
+    nn.Tanh: lambda m, a, y: 1.0 - y.square(),
+    nn.Softplus: lambda m, a, y: torch.where(
+        a * m.beta > m.threshold, 1.0, torch.sigmoid(a * m.beta)
+    ),
+    nn.ELU: lambda m, a, y: torch.where(a > 0, 1.0, y + m.alpha),
+}
 
 
 class Dynamics(nn.Module):
@@ -95,9 +105,12 @@ class Dynamics(nn.Module):
             terms.append((u.unflatten(-1, (i, k)) / math.sqrt(i), v.unflatten(-1, (k, o)), b))
         return terms
 
-    def velocity(self, s: Tensor, z: Tensor, context_term: Context) -> Tensor:
+    def velocity(
+        self, s: Tensor, z: Tensor, context_term: Context, slopes: list[Tensor] | None = None
+    ) -> Tensor:
         """``T f(z, sT, c)``; the first layer is applied by parts, ``W [z; φ(t); c] + b =
-        W_z z + (W_φ φ(t) + b) + W_c c``, so no per-sample concatenation is needed."""
+        W_z z + (W_φ φ(t) + b) + W_c c``, so no per-sample concatenation is needed. Where
+        ``slopes`` is a list, each activation's derivative at its input is appended to it."""
         end = self.log_time.exp()
         angles = self.freqs * (s * end)
         first, dim = self.net[0], z.shape[-1]
@@ -112,24 +125,75 @@ class Dynamics(nn.Module):
             h = h + context_term
         for module in itertools.islice(self.net, 1, None):
             out = module(h)
-            if layers is not None and isinstance(module, nn.Linear):
-                out = out + _low_rank(h, *next(layers))
+            if isinstance(module, nn.Linear):
+                if layers is not None:
+                    out = out + _low_rank(h, *next(layers))
+            elif slopes is not None:
+                slopes.append(SLOPES[type(module)](module, h, out))
             h = out
         return end * h
 
+    @property
+    def closed_form_trace(self) -> bool:
+        """Whether :meth:`trace_weights` applies: at most two hidden layers."""
+        return sum(isinstance(m, nn.Linear) for m in self.net) <= 3
+
+    def trace_weights(self, context_term: Context) -> Tensor:
+        """What makes the Jacobian's trace a cheap function of the activations' slopes,
+        for a network of at most two hidden layers (:attr:`closed_form_trace`).
+
+        With each layer's (per-sample) weights ``M_k`` acting as ``h ↦ h M_k``, the Jacobian
+        ``∂f/∂z`` is ``(M₁ D₁ M₂ D₂ M₃)ᵀ`` for slopes ``D_k``, so its trace is
+        ``Σ_ij D₁ᵢ Gᵢⱼ D₂ⱼ`` with ``G = M₂ ⊙ (M₃ M₁)ᵀ`` (two hidden layers), ``Σᵢ D₁ᵢ gᵢ`` with
+        ``g = rowsum(M₂ ⊙ M₁ᵀ)`` (one), or ``trace(M₁)`` (none): computed once per solve,
+        ``(…, h₁, h₂)``, ``(…, h₁)`` or ``(…)`` over the context's samples, instead of one
+        vector-Jacobian product per dimension at every step."""
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        dim = linears[-1].out_features
+        weights = [linears[0].weight[:, :dim].T, *(m.weight.T for m in linears[1:])]
+        if isinstance(context_term, list):  # each sample's W + U V
+            weights = [w + u @ v for w, (u, v, _) in zip(weights, context_term, strict=True)]
+        if len(weights) == 1:
+            return torch.diagonal(weights[0], dim1=-2, dim2=-1).sum(-1)
+        if len(weights) == 2:
+            return (weights[1] * weights[0].mT).sum(-1)
+        return weights[1] * (weights[2] @ weights[0]).mT
+
+    def jacobian_trace(
+        self, slopes: list[Tensor], trace_weights: Tensor, shape: torch.Size
+    ) -> Tensor:
+        """The trace of ``∂(T f)/∂z``, of the given batch ``shape``, from the activations'
+        ``slopes`` that :meth:`velocity` recorded and the solve's :meth:`trace_weights`."""
+        if not slopes:
+            trace = trace_weights.expand(shape)
+        elif len(slopes) == 1:
+            trace = (slopes[0] * trace_weights).sum(-1)
+        else:
+            trace = (_per_sample(slopes[0], trace_weights) * slopes[1]).sum(-1)
+        return self.log_time.exp() * trace
+
 
 def _low_rank(h: Tensor, u: Tensor, v: Tensor, b: Tensor) -> Tensor:
-    """``h U V + b`` for each sample's own ``U`` (in, k), ``V`` (k, out) and ``b``. Leading
+    """``h U V + b`` for each sample's own ``U`` (in, k), ``V`` (k, out) and ``b``."""
+    return _per_sample(h, u, v) + b
+
+
+def _per_sample(h: Tensor, *matrices: Tensor) -> Tensor:
+    """``h M₁ M₂ …`` for each sample's own matrices (or shared ones, of rank 2). Leading
     dims of ``h`` beyond the samples' (particles) become rows of one product per sample, so
-    that no weight is copied for them."""
-    batch = u.shape[:-2]
+    that no matrix is copied for them."""
+    batch = matrices[0].shape[:-2]
     extra = h.dim() - 1 - len(batch)
     if extra < 0 or h.shape[extra:-1] != batch:  # broadcast in the other direction
-        return torch.matmul(torch.matmul(h.unsqueeze(-2), u), v).squeeze(-2) + b
+        out = h.unsqueeze(-2)
+        for m in matrices:
+            out = torch.matmul(out, m)
+        return out.squeeze(-2)
     lead, rows = tuple(range(extra)), tuple(range(len(batch), len(batch) + extra))
-    flat = h.movedim(lead, rows).reshape(*batch, -1, h.shape[-1])  # (*batch, rows, in)
-    out = torch.matmul(torch.matmul(flat, u), v)
-    return out.reshape(*batch, *h.shape[:extra], -1).movedim(rows, lead) + b
+    out = h.movedim(lead, rows).reshape(*batch, -1, h.shape[-1])  # (*batch, rows, in)
+    for m in matrices:
+        out = torch.matmul(out, m)
+    return out.reshape(*batch, *h.shape[:extra], -1).movedim(rows, lead)
 
 
 class AugmentedDynamics:
@@ -159,6 +223,11 @@ class AugmentedDynamics:
         # the context's term once per solve; the adjoint and the backward steps need it inside
         # the function, since their gradients are taken of the function alone
         self.context_term = dynamics.context_term(context) if precompute else None
+        # the exact trace in closed form where the network allows
+        self.closed_form = trace == "exact" and dynamics.closed_form_trace
+        self.trace_weights = None
+        if self.closed_form and precompute:
+            self.trace_weights = dynamics.trace_weights(self.context_term)
         self.trace, self.probe = trace, probe
         self.regularize, self.scale = regularize, scale
         self.calls = 0
@@ -166,21 +235,29 @@ class AugmentedDynamics:
 
     def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.calls += 1
+        z, term = state[0], self.context_term
+        if term is None and self.context is not None:
+            term = self.dynamics.context_term(self.context)
+        slopes = [] if self.closed_form else None
+        if self.closed_form and not self.regularize:  # no derivatives to take
+            dz = self.dynamics.velocity(s, z, term, slopes)
+            return self._scaled((dz, self._closed_form_trace(term, slopes, z)))
         create_graph = torch.is_grad_enabled()  # off in an adjoint's forward solve and at eval
-        z = state[0]
         with torch.enable_grad():
             if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
-            term = self.context_term
-            if term is None and self.context is not None:
-                term = self.dynamics.context_term(self.context)
-            dz = self.dynamics.velocity(s, z, term)
-            if self.trace == "exact":  # all D rows of ∂f/∂z in one batched (vmapped) VJP
-                dim = z.shape[-1]
-                basis = torch.eye(dim, dtype=z.dtype, device=z.device)
-                basis = basis.reshape(dim, *[1] * (z.dim() - 1), dim).expand(dim, *z.shape)
-                rows = self._grad(dz, z, create_graph, basis, batched=True)
-                trace = torch.einsum("i...i->...", rows)
+            dz = self.dynamics.velocity(s, z, term, slopes)
+            if self.trace == "exact":
+                if self.regularize or not self.closed_form:
+                    # all D rows of ∂f/∂z in one batched (vmapped) VJP
+                    dim = z.shape[-1]
+                    basis = torch.eye(dim, dtype=z.dtype, device=z.device)
+                    basis = basis.reshape(dim, *[1] * (z.dim() - 1), dim).expand(dim, *z.shape)
+                    rows = self._grad(dz, z, create_graph, basis, batched=True)
+                if self.closed_form:  # the same trace as without the regularizers
+                    trace = self._closed_form_trace(term, slopes, z)
+                else:
+                    trace = torch.einsum("i...i->...", rows)
                 frobenius = rows.square().sum((0, -1)) if self.regularize else None
             else:
                 vjp = self._grad(dz, z, create_graph, self.probe)
@@ -189,9 +266,18 @@ class AugmentedDynamics:
         out = (dz, trace)
         if self.regularize:
             out += (dz.square().sum(-1), frobenius)
-        if self.scale != 1.0:
-            out = (dz, *(self.scale * a for a in out[1:]))
-        return out
+        return self._scaled(out)
+
+    def _closed_form_trace(self, term: Context, slopes: list[Tensor], z: Tensor) -> Tensor:
+        weights = self.trace_weights
+        if weights is None:  # computed inside the function where its gradients are taken
+            weights = self.dynamics.trace_weights(term)
+        return self.dynamics.jacobian_trace(slopes, weights, z.shape[:-1])
+
+    def _scaled(self, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if self.scale == 1.0:
+            return out
+        return (out[0], *(self.scale * a for a in out[1:]))
 
     @staticmethod
     def _grad(
