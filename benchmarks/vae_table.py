@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--cnf-regularization", type=float, default=0.0,
                         help="the CNF's RNODE weight in training (default 0)")  # fmt: skip
+    parser.add_argument("--cnf-trace", default="hutchinson", choices=["hutchinson", "exact"],
+                        help="the CNF's trace in training (FFJORD's by default)")  # fmt: skip
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--eval-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
@@ -94,6 +96,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> None:
         torch.manual_seed(0)
         layers = 1 if flow == "cnf" else args.layers
         options = FLOW_OPTIONS.get(flow, {})
+        if flow == "cnf":
+            options = {**options, "trace": args.cnf_trace}
         vae = VAE(data.image_shape, args.latent_dim, flow, layers, hidden_dim=300, **options)
         vae.to(device)
         out = None if args.out is None else args.out / flow
@@ -132,10 +136,24 @@ def _merged(rows: list[dict], name: str, device: torch.device) -> list[dict]:
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
-    new = {row["posterior"]: row for row in rows}
+    new = {_key(row): row for row in rows}
     kept = [r | {"settings": r.get("settings", old["settings"])} for r in old["rows"]]
-    merged = {r["posterior"]: r for r in kept} | new
+    merged = {_key(r): r for r in kept} | new
     return sorted(merged.values(), key=lambda r: [*FLOWS, r["posterior"]].index(r["posterior"]))
+
+
+def _key(row: dict) -> tuple[str, str]:
+    """A row's posterior and options: a posterior trained another way gets a row of its own."""
+    return row["posterior"], json.dumps(row["options"], sort_keys=True)
+
+
+def _flags(row: dict) -> str:
+    """The command-line flags that give a row's CNF options."""
+    options = row["options"]
+    flags = "" if options.get("trace", "hutchinson") == "hutchinson" else " --cnf-trace exact"
+    if options.get("regularization"):
+        flags += f" --cnf-regularization {options['regularization']}"
+    return flags
 
 
 def _markdown() -> None:
@@ -175,7 +193,7 @@ def _table(result: dict, path: Path) -> list[str]:
         s = r["settings"]
         command = (f"python benchmarks/vae_table.py --epochs {s['epochs']} --warmup-epochs "
                    f"{s['warmup_epochs']} --eval-samples {s['eval_samples']} --eval-images "
-                   f"{s['eval_images']}{name}")  # fmt: skip
+                   f"{s['eval_images']}{name}{_flags(r)}")  # fmt: skip
         runs.setdefault(command, []).append(r["posterior"])
     commands = [f"`{c}`" + (f" (with `--flows {' '.join(names)} --merge`)" if len(runs) > 1
                 else "") for c, names in runs.items()]  # fmt: skip
