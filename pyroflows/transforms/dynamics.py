@@ -198,9 +198,11 @@ def _per_sample(h: Tensor, *matrices: Tensor) -> Tensor:
 
 class AugmentedDynamics:
     """The right-hand side the solver integrates in one solve: the velocity, its Jacobian's
-    trace (exact, from all rows at once, or Hutchinson's ``vᵀ (∂f/∂z) v`` with the solve's
-    fixed probe), and with ``regularize`` the kinetic energy and the squared Frobenius norm;
-    the context's term once per solve where ``precompute``, and a count of the calls.
+    trace (exact: in closed form where :attr:`Dynamics.closed_form_trace`, otherwise from all
+    rows at once; or Hutchinson's ``vᵀ (∂f/∂z) v`` with the solve's fixed probe), and with
+    ``regularize`` the kinetic energy and the squared Frobenius norm (from the rows, or the
+    probe's); the context's term and the trace's weights once per solve where
+    ``precompute``, and a count of the calls.
 
     >>> f = Dynamics(2, 0, (8,), "tanh", freqs=1, time=1.0, learn_time=False, rank=0)
     >>> rhs = AugmentedDynamics(f, None, True, "exact", None, regularize=False, scale=1.0)
@@ -247,14 +249,12 @@ class AugmentedDynamics:
             if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             dz = self.dynamics.velocity(s, z, term, slopes)
-            if self.trace == "exact":
-                if self.regularize or not self.closed_form:
-                    # all D rows of ∂f/∂z in one batched (vmapped) VJP
-                    dim = z.shape[-1]
-                    basis = torch.eye(dim, dtype=z.dtype, device=z.device)
-                    basis = basis.reshape(dim, *[1] * (z.dim() - 1), dim).expand(dim, *z.shape)
-                    rows = self._grad(dz, z, create_graph, basis, batched=True)
-                if self.closed_form:  # the same trace as without the regularizers
+            if self.trace == "exact":  # all D rows of ∂f/∂z in one batched (vmapped) VJP
+                dim = z.shape[-1]
+                basis = torch.eye(dim, dtype=z.dtype, device=z.device)
+                basis = basis.reshape(dim, *[1] * (z.dim() - 1), dim).expand(dim, *z.shape)
+                rows = self._grad(dz, z, create_graph, basis, batched=True)
+                if self.closed_form:  # regularized: the trace of the solve without the terms
                     trace = self._closed_form_trace(term, slopes, z)
                 else:
                     trace = torch.einsum("i...i->...", rows)
