@@ -243,7 +243,7 @@ class AugmentedDynamics:
         slopes = [] if self.closed_form else None
         if self.closed_form and not self.regularize:  # no derivatives to take
             dz = self.dynamics.velocity(s, z, term, slopes)
-            return self._scaled((dz, self._closed_form_trace(term, slopes, z)))
+            return self._scaled((dz, self._closed_form_trace(term, slopes, dz)))
         create_graph = torch.is_grad_enabled()  # off in an adjoint's forward solve and at eval
         with torch.enable_grad():
             if not z.requires_grad:
@@ -255,7 +255,7 @@ class AugmentedDynamics:
                 basis = basis.reshape(dim, *[1] * (z.dim() - 1), dim).expand(dim, *z.shape)
                 rows = self._grad(dz, z, create_graph, basis, batched=True)
                 if self.closed_form:  # regularized: the trace of the solve without the terms
-                    trace = self._closed_form_trace(term, slopes, z)
+                    trace = self._closed_form_trace(term, slopes, dz)
                 else:
                     trace = torch.einsum("i...i->...", rows)
                 frobenius = rows.square().sum((0, -1)) if self.regularize else None
@@ -268,11 +268,11 @@ class AugmentedDynamics:
             out += (dz.square().sum(-1), frobenius)
         return self._scaled(out)
 
-    def _closed_form_trace(self, term: Context, slopes: list[Tensor], z: Tensor) -> Tensor:
+    def _closed_form_trace(self, term: Context, slopes: list[Tensor], dz: Tensor) -> Tensor:
         weights = self.trace_weights
         if weights is None:  # computed inside the function where its gradients are taken
             weights = self.dynamics.trace_weights(term)
-        return self.dynamics.jacobian_trace(slopes, weights, z.shape[:-1])
+        return self.dynamics.jacobian_trace(slopes, weights, dz.shape[:-1])
 
     def _scaled(self, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if self.scale == 1.0:
