@@ -124,6 +124,11 @@ FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
     "cnf-checkpoint-max-norm": partial(
         Continuous, DIM, hidden_dims=(8,), checkpoint=True, norm="max", **ODE_TOL
     ),
+    "cnf-softplus-two-hidden": partial(
+        Continuous, DIM, hidden_dims=(8, 5), activation="softplus", **ODE_TOL
+    ),
+    # deeper than the closed-form trace: the trace from the Jacobian's rows
+    "cnf-three-hidden": partial(Continuous, DIM, hidden_dims=(6, 5, 4), **ODE_TOL),
 }
 
 RECIPE_OPTIONS = {
