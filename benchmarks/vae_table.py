@@ -12,9 +12,10 @@ samples per image. The published numbers (van den Berg et al., 2018; Grathwohl e
 come from hundreds of epochs with larger flows and gated-convolution networks; the ordering
 is what a short run can be compared on. Needs ../shared/data/binarized_mnist.npz (or
 ``--data``). Writes benchmarks/results/vae_table.json and docs/vae-results.md; with
-``--merge`` the rows of posteriors not run now are kept from the existing JSON (same
-device), each row with its own epochs and evaluation settings. With ``--out DIR`` each
-posterior trains with checkpoints in ``DIR/NAME`` and a later call resumes from them (a
+``--merge`` the rows of posteriors not run now (or run with other options) are kept from the
+existing JSON (same device), each row with its own epochs and evaluation settings. With
+``--out DIR`` each posterior trains with checkpoints in ``DIR/NAME`` (``DIR/cnf-exact`` with
+``--cnf-trace exact``) and a later call resumes from them (a
 finished training just loads its best epoch), so a run stopped during a long evaluation
 need not train again; such a row says ``resumed`` and its time is that call's. Under
 ``torchrun`` (gloo on the CPU, NCCL on GPUs) each posterior trains data-parallel (the
@@ -100,7 +101,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> None:
             options = {**options, "trace": args.cnf_trace}
         vae = VAE(data.image_shape, args.latent_dim, flow, layers, hidden_dim=300, **options)
         vae.to(device)
-        out = None if args.out is None else args.out / flow
+        folder = f"{flow}-exact" if options.get("trace") == "exact" else flow
+        out = None if args.out is None else args.out / folder
         resumed = out is not None and (out / CHECKPOINT).exists()
         start = time.perf_counter()
         regularization = args.cnf_regularization if flow == "cnf" else 0.0
