@@ -18,7 +18,8 @@ def make(seed: int = 0, **options) -> Continuous:
     torch.manual_seed(seed)
     options.setdefault("rtol", 1e-8)
     options.setdefault("atol", 1e-8)
-    flow = Continuous(3, hidden_dims=(16,), **options).double()
+    options.setdefault("hidden_dims", (16,))
+    flow = Continuous(3, **options).double()
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -113,19 +114,25 @@ def _gradients(mode: str, trace: str, reverse: bool = False, **options) -> list[
 
 @pytest.mark.parametrize("mode", ["adjoint", "checkpoint"])
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
-def test_memory_saving_gradients_match_direct_backpropagation(mode, trace):
+@pytest.mark.parametrize("rank", [0, 2])
+def test_memory_saving_gradients_match_direct_backpropagation(mode, trace, rank):
     """Adaptive steps: equal to solver tolerance (direct back-propagation also differentiates
     the step-size choices, which the adjoint and the checkpointed steps hold fixed)."""
-    for direct, other in zip(_gradients("direct", trace), _gradients(mode, trace), strict=True):
-        torch.testing.assert_close(other, direct, atol=1e-5, rtol=1e-4)
+    direct, other = _gradients("direct", trace, rank=rank), _gradients(mode, trace, rank=rank)
+    for a, b in zip(direct, other, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
-def test_checkpointed_gradients_equal_direct_ones_for_fixed_steps(trace, reverse):
-    """With fixed steps the replayed steps are the direct computation: equal to rounding."""
-    direct = _gradients("direct", trace, reverse, method="rk4", num_steps=7)
-    replayed = _gradients("checkpoint", trace, reverse, method="rk4", num_steps=7)
+@pytest.mark.parametrize("rank, hidden", [(0, (16,)), (2, (6, 5))])
+def test_checkpointed_gradients_equal_direct_ones_for_fixed_steps(trace, reverse, rank, hidden):
+    """With fixed steps the replayed steps are the direct computation: equal to rounding (the
+    context's term and the trace's weights computed once per solve, their gradients handed on
+    from the steps' stand-ins)."""
+    options = {"method": "rk4", "num_steps": 7, "rank": rank, "hidden_dims": hidden}
+    direct = _gradients("direct", trace, reverse, **options)
+    replayed = _gradients("checkpoint", trace, reverse, **options)
     for a, b in zip(direct, replayed, strict=True):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
 

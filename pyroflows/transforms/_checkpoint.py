@@ -46,29 +46,34 @@ def odeint_checkpointed(
     inputs: tuple[Tensor, ...],
     *,
     adaptive: bool,
+    leaves: tuple[Tensor, ...] | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, ...]:
     """The state at ``grid[-1]`` of ``odeint(func, state, grid, **kwargs)``, differentiable
     with respect to ``state`` and ``inputs`` (every tensor ``func`` depends on that needs a
-    gradient). ``grid`` holds the two end times; ``adaptive`` says whether the method is."""
-    return _Checkpointed.apply(func, grid, adaptive, kwargs, len(state), *state, *inputs)
+    gradient). ``grid`` holds the two end times; ``adaptive`` says whether the method is.
+    Where ``func`` reads a detached copy of an input computed once beforehand (a leaf that
+    requires gradients), ``leaves`` holds what it reads in place of each input: the steps'
+    gradients are taken with respect to the leaves and handed on to the inputs."""
+    leaves = inputs if leaves is None else leaves
+    return _Checkpointed.apply(func, grid, adaptive, kwargs, leaves, len(state), *state, *inputs)
 
 
 class _Checkpointed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, func, grid, adaptive, kwargs, n, *tensors):  # type: ignore[override]
+    def forward(ctx, func, grid, adaptive, kwargs, leaves, n, *tensors):  # type: ignore[override]
         recorder = _Steps(func, adaptive)
         out = odeint(recorder, tuple(tensors[:n]), grid, **kwargs)
         final = tuple(o[-1] for o in out)
         ctx.func, ctx.grid, ctx.adaptive, ctx.kwargs, ctx.n = func, grid, adaptive, kwargs, n
         ctx.steps, ctx.final = recorder.steps, tuple(f.detach() for f in final)
-        ctx.save_for_backward(*tensors[n:])
+        ctx.leaves = tuple(leaves)
         return final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):  # type: ignore[override]
-        inputs = ctx.saved_tensors
+        inputs = ctx.leaves
         adjoint = grads
         totals = [torch.zeros_like(x) for x in inputs]
         sign = 1.0 if ctx.grid[-1] > ctx.grid[0] else -1.0
@@ -82,7 +87,7 @@ class _Checkpointed(torch.autograd.Function):
             else:
                 state = ctx.final if i == len(ctx.steps) - 1 else ctx.steps[i + 1][1]
                 adjoint = _adjoint_step(ctx.func, tableau, state, end, t0, adjoint, inputs, totals)
-        return (None, None, None, None, None, *adjoint, *totals)
+        return (None, None, None, None, None, None, *adjoint, *totals)
 
 
 @functools.cache

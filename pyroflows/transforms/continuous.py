@@ -201,7 +201,7 @@ class Continuous(Flow):
         solve = AugmentedDynamics(
             self.dynamics,
             context,
-            mode == "direct",
+            mode != "adjoint",
             self.trace,
             probe,
             self.regularize,
@@ -225,7 +225,8 @@ class Continuous(Flow):
         params = ()  # what the adjoint and the backward steps return gradients for
         if mode != "direct":
             params = tuple(p for p in self.dynamics.parameters() if p.requires_grad)
-            if context is not None and context.requires_grad:
+            # the checkpointed steps read the context only through the per-solve stand-ins
+            if mode == "adjoint" and context is not None and context.requires_grad:
                 params += (context,)
         try:
             if mode == "adjoint":
@@ -242,7 +243,11 @@ class Continuous(Flow):
                 final = [s[-1] for s in out]
             elif mode == "checkpoint":
                 adaptive = self.method in ADAPTIVE_METHODS
-                final = odeint_checkpointed(solve, state, grid, params, adaptive=adaptive, **kwargs)
+                originals, copies = solve.stand_ins()
+                final = odeint_checkpointed(
+                    solve, state, grid, params + originals, adaptive=adaptive,
+                    leaves=params + copies, **kwargs,
+                )  # fmt: skip
             else:
                 final = [s[-1] for s in odeint(solve, state, grid, **kwargs)]
         except AssertionError as error:  # torchdiffeq's step budget and step-size underflow

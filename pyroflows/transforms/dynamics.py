@@ -222,8 +222,9 @@ class AugmentedDynamics:
         scale: float,
     ) -> None:
         self.dynamics, self.context = dynamics, context
-        # the context's term once per solve; the adjoint and the backward steps need it inside
-        # the function, since their gradients are taken of the function alone
+        # the context's term once per solve; the adjoint needs it inside the function, since
+        # its gradients are taken of the function alone (the checkpointed steps take them of
+        # stand-ins, see ``stand_ins``)
         self.context_term = dynamics.context_term(context) if precompute else None
         # the exact trace in closed form where the network allows
         self.closed_form = trace == "exact" and dynamics.closed_form_trace
@@ -267,6 +268,29 @@ class AugmentedDynamics:
         if self.regularize:
             out += (dz.square().sum(-1), frobenius)
         return self._scaled(out)
+
+    def stand_ins(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Put detached copies that require gradients in place of what was computed once per
+        solve (the context's term, the trace's weights) and return ``(originals, copies)``:
+        gradients taken of the function with respect to the copies are the originals' to
+        back-propagate, so the per-solve work is not redone at every evaluation."""
+        originals: list[Tensor] = []
+        copies: list[Tensor] = []
+
+        def swap(t: Tensor | None) -> Tensor | None:
+            if t is None or not t.requires_grad:
+                return t
+            originals.append(t)
+            copies.append(t.detach().requires_grad_())
+            return copies[-1]
+
+        term = self.context_term
+        if isinstance(term, list):
+            self.context_term = [tuple(swap(t) for t in layer) for layer in term]
+        else:
+            self.context_term = swap(term)
+        self.trace_weights = swap(self.trace_weights)
+        return tuple(originals), tuple(copies)
 
     def _closed_form_trace(self, term: Context, slopes: list[Tensor], dz: Tensor) -> Tensor:
         weights = self.trace_weights
