@@ -68,11 +68,13 @@ class _Checkpointed(torch.autograd.Function):
         ctx.func, ctx.grid, ctx.adaptive, ctx.kwargs, ctx.n = func, grid, adaptive, kwargs, n
         ctx.steps, ctx.final = recorder.steps, tuple(f.detach() for f in final)
         ctx.leaves = tuple(leaves)
+        ctx.save_for_backward(*tensors[n:])  # so that a change in place is caught
         return final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):  # type: ignore[override]
+        ctx.saved_tensors  # noqa: B018 (raises if an input changed in place since forward)
         inputs = ctx.leaves
         adjoint = grads
         totals = [torch.zeros_like(x) for x in inputs]
