@@ -14,15 +14,17 @@ taking turns within every round:
   product per evaluation, differentiated again in training), the path for dynamics deeper
   than two hidden layers;
 - ``hutchinson``: FFJORD's one-probe estimate (training only: evaluation needs the exact
-  trace).
+  trace);
+- ``closed form, checkpoint``: the closed form with ``checkpoint=True`` (training only), the
+  per-image weights and the context's term still computed once per solve.
 
 Timed: a training step (``VAE.loss``, backward, Adamax) and the test evaluation
 (``pyroflows.vae.evaluate``, -ELBO and the NLL with ``--samples`` importance samples on
 ``--images`` test images). Reported: median time, the per-round ratio to ``rows`` (median,
-min-max; for a training step also to ``hutchinson``), dynamics evaluations per forward
-solve, peak memory of one call, and for the evaluation the figures themselves (closed form
-and rows must agree). Writes benchmarks/results/cnf_trace.json (cnf_trace-cuda.json on
-CUDA).
+min-max; for a training step also to ``hutchinson`` and to ``closed form``), dynamics
+evaluations per forward solve, peak memory of one call, and for the evaluation the figures
+themselves (closed form and rows must agree). Writes benchmarks/results/cnf_trace.json
+(cnf_trace-cuda.json on CUDA).
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from pyroflows.transforms import Continuous
 from pyroflows.transforms.dynamics import Dynamics
 from pyroflows.vae import VAE, evaluate
 
-TRACES = {"closed form": "exact", "rows": "exact", "hutchinson": "hutchinson"}
+# each contender's trace and whether it checkpoints its steps
+SETTINGS = {
+    "closed form": ("exact", False),
+    "rows": ("exact", False),
+    "hutchinson": ("hutchinson", False),
+    "closed form, checkpoint": ("exact", True),
+}
 
 
 def trace_path(name: str) -> contextlib.AbstractContextManager:
@@ -81,11 +89,11 @@ def main() -> None:
         adamax.zero_grad()
         vae.loss(x).backward()
         adamax.step()
-    vaes = {name: copy.deepcopy(vae) for name in TRACES}
+    vaes = {name: copy.deepcopy(vae) for name in SETTINGS}
     optimizers = {name: torch.optim.Adamax(v.parameters(), lr=5e-4) for name, v in vaes.items()}
-    nfe = {name: [] for name in TRACES}
+    nfe = {name: [] for name in SETTINGS}
     for name, v in vaes.items():
-        flow_of(v).trace = TRACES[name]
+        flow_of(v).trace, flow_of(v).checkpoint = SETTINGS[name]
 
     def step(name: str) -> None:
         with trace_path(name):
@@ -103,9 +111,9 @@ def main() -> None:
             figures[name] = evaluate(vaes[name], test, num_samples=args.samples)
 
     rows = []
-    print(f"{'call':11}{'trace':13}{'ms':>10}  {'ratio to rows':20}{'NFE':>6}{'peak MiB':>10}")
+    print(f"{'call':11}{'trace':24}{'ms':>10}  {'ratio to rows':20}{'NFE':>6}{'peak MiB':>10}")
     for call, fn, names, repeat in (
-        ("train step", step, list(TRACES), args.steps),
+        ("train step", step, list(SETTINGS), args.steps),
         ("evaluation", evaluation, ["closed form", "rows"], 1),
     ):
         for name in names:
@@ -124,14 +132,18 @@ def main() -> None:
                 row["nfe_forward"] = statistics.mean(nfe[name])
                 hutchinson = timed["hutchinson"]["seconds"]
                 row["ratio_to_hutchinson"] = common.ratio(t["seconds"], hutchinson)
+                direct = timed["closed form"]["seconds"]
+                row["ratio_to_closed_form"] = common.ratio(t["seconds"], direct)
             else:
                 row["figures"] = figures[name]
             rows.append(row)
             evaluations = f"{row['nfe_forward']:.0f}" if "nfe_forward" in row else "-"
             ratio = common.ratio_text(row["ratio_to_rows"])
-            print(f"{call:11}{name:13}{row['ms']:10.1f}  {ratio:20}{evaluations:>6}{peak:10.1f}")
+            print(f"{call:11}{name:24}{row['ms']:10.1f}  {ratio:20}{evaluations:>6}{peak:10.1f}")
     closed_step = common.ratio_text(rows[0]["ratio_to_hutchinson"])
     print(f"train step, closed form / hutchinson: {closed_step}")
+    checkpointed = common.ratio_text(rows[3]["ratio_to_closed_form"])
+    print(f"train step, closed form with checkpoint=True / without: {checkpointed}")
     closed, by_rows = figures["closed form"], figures["rows"]
     print(f"NLL: closed form {closed['nll']:.4f}, rows {by_rows['nll']:.4f}")
     settings = {"rounds": args.rounds, "steps": args.steps, "pretrain": args.pretrain,
